@@ -1,0 +1,116 @@
+"""Expert capacity and slot assignment: the one place where drop semantics are fixed.
+
+Axes (see ``moe_jax.moe``): ``G`` groups, ``S`` tokens per group, ``E`` experts, ``K`` experts per token,
+``C`` capacity (buffer slots per expert and group).
+
+Capacity (DESIGN.md)::
+
+    C = ceil(capacity_factor * K * S / E), rounded up to a multiple of ``capacity_multiple``,
+        at least ``min_capacity``, at most ``S`` (an expert never receives more than S tokens of a group,
+        so slots beyond S could never be filled).
+
+Priority when an expert overflows (token choice), ``slot_order``:
+
+* ``'choice_major'`` (GShard, Switch, Mesh-TF; the DESIGN.md default): all first choices of a group before
+  any second choice, and within one choice earlier tokens first. For K = 1 this is causal. For K >= 2 it is
+  *not* strictly causal: a later token's first choice can take the slot that an earlier token's second
+  choice wanted, so the earlier token's output depends on the future whenever second choices are dropped.
+* ``'token_major'``: token by token, each token's choices in rank order: ``(s=0, k=0), (s=0, k=1),
+  (s=1, k=0), ...``. Whether an assignment of token ``s`` is kept depends only on tokens ``<= s``: strictly
+  causal for any K. A causal MoE layer with K >= 2 and a finite capacity must use this order (or dropless);
+  ``moe.MoEConfig.validate`` says so.
+* a ``priority`` score (batch-prioritized routing, Riquelme et al. 2021): tokens with a higher score fill
+  buffers first, choice-major among them. Non-causal.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def compute_capacity(
+    group_size: int,
+    num_experts: int,
+    k: int,
+    capacity_factor: float,
+    capacity_multiple: int = 1,
+    min_capacity: int = 1,
+) -> int:
+    """Slots per expert and group: ``ceil(cf * K * S / E)``, rounded and clipped (see module docstring).
+
+    All arguments are static Python numbers; the result is a Python int.
+
+    >>> compute_capacity(group_size=8, num_experts=4, k=2, capacity_factor=1.0)  # 1.0*2*8/4 = 4
+    4
+    >>> compute_capacity(8, 4, 1, 1.25)  # ceil(1.25*1*8/4) = ceil(2.5) = 3
+    3
+    >>> compute_capacity(8, 4, 1, 1.25, capacity_multiple=4)  # 3 -> 4
+    4
+    """
+    if capacity_factor is None or not capacity_factor > 0:
+        raise ValueError(
+            f"capacity_factor must be > 0, got {capacity_factor!r}. Use e.g. 1.25, or choose "
+            "dispatcher='dropless' for no capacity limit."
+        )
+    if capacity_multiple < 1:
+        raise ValueError(f"capacity_multiple must be >= 1, got {capacity_multiple}.")
+    if min_capacity < 1:
+        raise ValueError(f"min_capacity must be >= 1, got {min_capacity}.")
+    # Guard against float noise: 1.25 * 2 * 8 / 4 must be exactly 5, not 5.000000001 -> 6.
+    raw = capacity_factor * k * group_size / num_experts
+    cap = int(math.ceil(round(raw, 9)))
+    cap = int(math.ceil(cap / capacity_multiple) * capacity_multiple)
+    cap = max(cap, min_capacity)
+    return int(min(cap, group_size))
+
+
+def assign_slots(
+    expert_index: jax.Array,
+    valid: jax.Array,
+    num_experts: int,
+    priority: Optional[jax.Array] = None,
+    slot_order: str = "choice_major",
+) -> jax.Array:
+    """Position of each token-expert assignment inside its expert's buffer.
+
+    Args:
+      expert_index: ``[G, S, K]`` int, the chosen expert of each token and choice rank.
+      valid: ``[G, S, K]`` bool, False for assignments that do not exist (padding tokens, or unused ranks of
+        dynamic-k routers). Invalid assignments take no slot.
+      num_experts: ``E``.
+      priority: optional ``[G, S]`` float score; if given, tokens with higher score fill buffers first
+        (batch-prioritized routing). Without it, earlier tokens first.
+      slot_order: ``'choice_major'`` or ``'token_major'`` (module docstring).
+
+    Returns:
+      ``[G, S, K]`` int32 slot index ``c``; an assignment is kept iff ``valid & (c < C)``. Invalid
+      assignments get a large position (never kept).
+
+    Cost: one cumsum over ``[G, K*S, E]`` int32 (small next to the expert matmuls: E << D*F).
+    """
+    if slot_order not in ("choice_major", "token_major"):
+        raise ValueError(f"slot_order must be 'choice_major' or 'token_major', got {slot_order!r}.")
+    g, s, k = expert_index.shape
+    onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # [G, S, K, E]
+    onehot = onehot * valid[..., None].astype(jnp.int32)
+    if priority is not None:
+        order = jnp.argsort(-priority, axis=1, stable=True)  # [G, S] token ids, best first
+        onehot = jnp.take_along_axis(onehot, order[:, :, None, None], axis=1)
+    if slot_order == "token_major":
+        ranked = onehot.reshape(g, s * k, num_experts)  # [G, S*K, E]
+    else:
+        ranked = jnp.transpose(onehot, (0, 2, 1, 3)).reshape(g, k * s, num_experts)  # [G, K*S, E]
+    position = jnp.cumsum(ranked, axis=1) - 1  # running count per expert
+    position = jnp.sum(position * ranked, axis=-1)  # [G, K*S] own expert's count
+    if slot_order == "token_major":
+        position = position.reshape(g, s, k)  # [G, S, K]
+    else:
+        position = position.reshape(g, k, s).transpose(0, 2, 1)  # [G, S, K]
+    if priority is not None:
+        inverse = jnp.argsort(order, axis=1)  # [G, S]
+        position = jnp.take_along_axis(position, inverse[:, :, None], axis=1)
+    big = jnp.iinfo(jnp.int32).max // 2
+    return jnp.where(valid, position, big).astype(jnp.int32)

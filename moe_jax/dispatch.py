@@ -1,0 +1,370 @@
+"""Moving tokens to experts and back. One interface, three implementations, one loop reference.
+
+Axes (see ``moe_jax.moe``): ``G`` groups, ``S`` tokens per group, ``D`` width, ``E`` experts, ``K`` choices,
+``C`` capacity, ``T = G*S`` tokens, ``N = T*K`` assignments, ``NB`` blocks of ``b`` rows.
+
+Every dispatcher is a pure function pair ``dispatch(x, plan) -> expert input`` and ``combine(y, plan) ->
+[G, S, D]``, with a ``plan`` made once from the ``RoutingDecision`` (slot positions; these are integers and
+carry no gradient). ``run(x, decision, experts, capacity)`` chains the three. They agree exactly wherever
+their semantics agree (same capacity, same slot order); the tests hold each against ``loop_reference``.
+
+1. ``einsum`` (GShard, Switch, Mesh-TF): one-hot masks ``dispatch[G, S, E, C]`` and ``combine[G, S, E, C]``,
+   ``x_e = einsum('gsec,gsd->egcd')``. Simple and MXU/TensorCore friendly, but the two einsums cost
+   ``2 * T * E * C * D = 2 * cf * K * T * S * D`` multiply-adds: linear in the *group size* S (C grows with
+   S/E; E cancels), so its overhead over the expert FFN (``4 * K * T * D * F``) is about ``cf * S / (2 F)``.
+   Keep ``S`` well below ``F``.
+2. ``scatter`` (capacity buffer): compute each kept assignment's flat buffer row ``e*G*C + g*C + c``; gather the
+   tokens into ``[E, G*C, D]`` and gather the results back, weighted. No ``[G, S, E, C]`` tensor; the data
+   movement is ``O(E*G*C*D + N*D)``, independent of S. Dropped assignments point at an all-zero row.
+3. ``dropless`` (no capacity, static shapes): sort the N assignments by expert; pad each expert's run of rows
+   to a multiple of the block size ``b``; the padded rows fit in the static bound
+   ``R = b * ceil((N + E*(b-1)) / b)`` rows, i.e. ``NB = R / b`` blocks, each owned by one expert. The
+   experts then run as a batched matmul over blocks with per-block gathered weights
+   (``BatchedExperts.blocks``). Cost: useful work plus at most ``E*(b-1)`` padding rows (we pick ``b`` so that
+   this is <= 25% of N and in practice about half of that), plus gathering ``NB`` copies of the expert weights
+   (``NB*D*F`` values; small next to ``b*D*F`` multiply-adds per block). ``jax.lax.ragged_dot`` would avoid
+   padding, but on CPU it lowers to a masked dense product costing E times the useful work; on GPU it is
+   the better choice (``dropless_impl='ragged_dot'``).
+
+Token-choice and expert-choice decisions are both supported by ``einsum`` and ``scatter``; ``dropless`` is
+token choice only (expert choice never overflows by construction).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax.capacity import assign_slots
+from moe_jax.routing import RoutingDecision
+
+Array = jax.Array
+
+
+class CapacityPlan(NamedTuple):
+    """Slot assignment for the capacity dispatchers.
+
+    Token choice: ``expert [G,S,K]``, ``slot [G,S,K]``, ``kept [G,S,K]``, ``weight [G,S,K]`` (0 where dropped).
+    Expert choice: ``token [G,E,C]``, ``kept [G,E,C]``, ``weight [G,E,C]``.
+    """
+
+    kind: str
+    capacity: int
+    num_experts: int
+    kept: Array
+    weight: Array
+    expert: Optional[Array] = None
+    slot: Optional[Array] = None
+    token: Optional[Array] = None
+
+
+def make_capacity_plan(decision: RoutingDecision, capacity: int, slot_order: str = "choice_major") -> CapacityPlan:
+    """Decide which assignments fit (``capacity.assign_slots``) and zero the weights of the others."""
+    e = decision.num_experts
+    if decision.kind == "expert_choice":
+        kept = decision.valid
+        return CapacityPlan("expert_choice", capacity, e, kept, jnp.where(kept, decision.combine_weights, 0.0),
+                            token=decision.token_index)
+    slot = assign_slots(decision.expert_index, decision.valid, e, decision.priority, slot_order)
+    kept = decision.valid & (slot < capacity)
+    weight = jnp.where(kept, decision.combine_weights, 0.0)
+    return CapacityPlan("token_choice", capacity, e, kept, weight, expert=decision.expert_index, slot=slot)
+
+
+# ------------------------------------------------------------------------------------------------ einsum
+
+
+def einsum_masks(plan: CapacityPlan, group_size: int, dtype) -> tuple:
+    """``(dispatch, combine)``, both ``[G, S, E, C]`` in ``dtype``."""
+    c, e = plan.capacity, plan.num_experts
+    if plan.kind == "expert_choice":
+        onehot = jax.nn.one_hot(plan.token, group_size, dtype=dtype)  # [G, E, C, S]
+        dispatch = jnp.transpose(onehot * plan.kept[..., None].astype(dtype), (0, 3, 1, 2))  # [G, S, E, C]
+        combine = jnp.transpose(onehot * plan.weight[..., None].astype(dtype), (0, 3, 1, 2))
+        return dispatch, combine
+    oe = jax.nn.one_hot(plan.expert, e, dtype=dtype)  # [G, S, K, E]
+    oc = jax.nn.one_hot(jnp.where(plan.kept, plan.slot, c), c, dtype=dtype)  # [G, S, K, C]; dropped -> 0 row
+    dispatch = jnp.einsum("gske,gskc->gsec", oe, oc)
+    combine = jnp.einsum("gske,gskc,gsk->gsec", oe, oc, plan.weight.astype(dtype))
+    return dispatch, combine
+
+
+def einsum_dispatch(x: Array, dispatch_mask: Array) -> Array:
+    """``x[G, S, D]``, mask ``[G, S, E, C]`` -> ``[E, G*C, D]``."""
+    g, s, e, c = dispatch_mask.shape
+    xe = jnp.einsum("gsec,gsd->egcd", dispatch_mask, x)  # [E, G, C, D]
+    return xe.reshape(e, g * c, x.shape[-1])
+
+
+def einsum_combine(ye: Array, combine_mask: Array) -> Array:
+    """``ye[E, G*C, D]``, combine ``[G, S, E, C]`` -> ``[G, S, D]``."""
+    g, s, e, c = combine_mask.shape
+    return jnp.einsum("gsec,egcd->gsd", combine_mask, ye.reshape(e, g, c, ye.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------- scatter
+
+
+def _buffer_rows(plan: CapacityPlan, num_groups: int) -> Array:
+    """Flat row ``e*G*C + g*C + c`` of each kept assignment; ``E*G*C`` (one past the end) if dropped."""
+    c, e = plan.capacity, plan.num_experts
+    end = e * num_groups * c
+    if plan.kind == "expert_choice":
+        g_idx = jnp.arange(num_groups)[:, None, None]
+        rows = jnp.arange(e)[None, :, None] * (num_groups * c) + g_idx * c + jnp.arange(c)[None, None, :]
+        return jnp.where(plan.kept, rows, end)  # [G, E, C]
+    g_idx = jnp.arange(num_groups)[:, None, None]
+    rows = plan.expert * (num_groups * c) + g_idx * c + plan.slot
+    return jnp.where(plan.kept, rows, end)  # [G, S, K]
+
+
+def _token_ids(plan: CapacityPlan, num_groups: int, group_size: int) -> Array:
+    """Flat token id ``g*S + s`` of each assignment (shape of ``plan.kept``)."""
+    g_idx = jnp.arange(num_groups)[:, None, None] * group_size
+    if plan.kind == "expert_choice":
+        return g_idx + plan.token
+    s_idx = jnp.arange(group_size)[None, :, None]
+    return jnp.broadcast_to(g_idx + s_idx, plan.kept.shape)
+
+
+def scatter_dispatch(x: Array, plan: CapacityPlan) -> Array:
+    """``x[G, S, D]`` -> ``[E, G*C, D]``: an inverse map (buffer row -> token) then one gather."""
+    g, s, d = x.shape
+    c, e = plan.capacity, plan.num_experts
+    rows = _buffer_rows(plan, g).reshape(-1)
+    tokens = _token_ids(plan, g, s).reshape(-1)
+    # Each kept row is written once; dropped ones (row == E*G*C) fall off the end (mode='drop').
+    row_token = jnp.full((e * g * c,), g * s, jnp.int32).at[rows].set(tokens, mode="drop")
+    x_pad = jnp.concatenate([x.reshape(g * s, d), jnp.zeros((1, d), x.dtype)], axis=0)  # [T+1, D]
+    return x_pad[row_token].reshape(e, g * c, d)
+
+
+def scatter_combine(ye: Array, plan: CapacityPlan, group_size: int) -> Array:
+    """``ye[E, G*C, D]`` -> ``[G, S, D]``: gather each assignment's row, weight, sum over choices."""
+    e, gc, d = ye.shape
+    g = gc // plan.capacity
+    rows = _buffer_rows(plan, g)
+    y_pad = jnp.concatenate([ye.reshape(e * gc, d), jnp.zeros((1, d), ye.dtype)], axis=0)
+    gathered = y_pad[rows]  # [G, S, K, D] or [G, E, C, D]
+    weighted = gathered * plan.weight[..., None].astype(ye.dtype)
+    if plan.kind == "expert_choice":
+        tokens = _token_ids(plan, g, group_size).reshape(-1)
+        out = jnp.zeros((g * group_size, d), ye.dtype).at[tokens].add(weighted.reshape(-1, d))
+        return out.reshape(g, group_size, d)
+    return jnp.sum(weighted, axis=2)
+
+
+# ---------------------------------------------------------------------------------------------- dropless
+
+
+class DroplessPlan(NamedTuple):
+    """Sorted, block-padded layout. ``row_of_assignment [G,S,K]`` (R if the assignment is invalid),
+    ``row_token [R]`` (T for padding rows), ``block_expert [NB]``, ``weight [G,S,K]``, ``group_sizes [E]``."""
+
+    block_size: int
+    num_blocks: int
+    row_of_assignment: Array
+    row_token: Array
+    block_expert: Array
+    weight: Array
+    kept: Array
+    group_sizes: Array
+
+
+def default_block_size(num_assignments: int, num_experts: int) -> int:
+    """Largest power of two ``b`` in [8, 512] with ``E * b <= N / 4`` (padding at most 25% of the rows)."""
+    b = 8
+    while b * 2 <= 512 and num_experts * (b * 2) * 4 <= num_assignments:
+        b *= 2
+    return b
+
+
+def make_dropless_plan(decision: RoutingDecision, block_size: Optional[int] = None) -> DroplessPlan:
+    if decision.kind != "token_choice":
+        raise ValueError("dispatcher='dropless' supports token-choice routers only; expert choice has a fixed "
+                         "capacity by construction. Use dispatcher='scatter' or 'einsum'.")
+    g, s, k = decision.expert_index.shape
+    e = decision.num_experts
+    n = g * s * k
+    b = block_size or default_block_size(n, e)
+    num_blocks = -(-(n + e * (b - 1)) // b)
+    r = num_blocks * b
+    expert = decision.expert_index.reshape(n)
+    valid = decision.valid.reshape(n)
+    key = jnp.where(valid, expert, e)  # invalid assignments sort last
+    order = jnp.argsort(key, stable=True)  # [N]
+    sorted_key = key[order]
+    counts = jnp.bincount(key, length=e + 1)[:e]  # [E] valid assignments per expert
+    padded = (counts + b - 1) // b * b  # [E]
+    padded_start = jnp.cumsum(padded) - padded  # [E]
+    start = jnp.cumsum(counts) - counts  # [E] unpadded start in the sorted order
+    pos = jnp.arange(n)
+    safe_key = jnp.minimum(sorted_key, e - 1)
+    row_sorted = jnp.where(sorted_key < e, padded_start[safe_key] + pos - start[safe_key], r)  # [N]
+    row_of_assignment = jnp.zeros((n,), jnp.int32).at[order].set(row_sorted.astype(jnp.int32))
+    token = jnp.arange(n) // k  # flat token id g*S + s of each assignment
+    row_token = jnp.full((r,), g * s, jnp.int32).at[row_of_assignment].set(token, mode="drop")
+    block_start = jnp.arange(num_blocks) * b
+    block_expert = jnp.searchsorted(jnp.cumsum(padded), block_start, side="right")
+    block_expert = jnp.minimum(block_expert, e - 1).astype(jnp.int32)
+    weight = jnp.where(decision.valid, decision.combine_weights, 0.0)
+    return DroplessPlan(b, num_blocks, row_of_assignment.reshape(g, s, k), row_token, block_expert, weight,
+                        decision.valid, counts)
+
+
+def dropless_dispatch(x: Array, plan: DroplessPlan) -> Array:
+    """``x[G, S, D]`` -> ``[NB, b, D]`` rows sorted by expert, each expert's run padded to whole blocks."""
+    g, s, d = x.shape
+    x_pad = jnp.concatenate([x.reshape(g * s, d), jnp.zeros((1, d), x.dtype)], axis=0)
+    return x_pad[plan.row_token].reshape(plan.num_blocks, plan.block_size, d)
+
+
+def dropless_combine(yb: Array, plan: DroplessPlan) -> Array:
+    """``yb[NB, b, D]`` -> ``[G, S, D]``."""
+    d = yb.shape[-1]
+    y_pad = jnp.concatenate([yb.reshape(-1, d), jnp.zeros((1, d), yb.dtype)], axis=0)
+    gathered = y_pad[plan.row_of_assignment]  # [G, S, K, D]
+    return jnp.sum(gathered * plan.weight[..., None].astype(yb.dtype), axis=2)
+
+
+def ragged_dot_experts(x: Array, decision: RoutingDecision, params: Dict[str, Array], activation: str,
+                       dtype) -> Array:
+    """Dropless with ``jax.lax.ragged_dot`` (the fast path on GPU; E times the work on CPU).
+
+    ``x[G, S, D]`` -> ``[G, S, D]``; ``params`` are the stacked expert weights ``wi/wg [E, D, F]``, ``wo [E, F, D]``.
+    """
+    from moe_jax.experts import get_activation
+
+    g, s, k = decision.expert_index.shape
+    d = x.shape[-1]
+    e = decision.num_experts
+    n = g * s * k
+    key = jnp.where(decision.valid, decision.expert_index, e).reshape(n)
+    order = jnp.argsort(key, stable=True)
+    counts = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
+    xs = x.reshape(g * s, d)[order // k].astype(dtype)  # [N, D] sorted by expert
+    act = get_activation(activation)
+    h = jax.lax.ragged_dot(xs, params["wi"].astype(dtype), counts)
+    if "wg" in params:
+        h = act(jax.lax.ragged_dot(xs, params["wg"].astype(dtype), counts)) * h
+    else:
+        h = act(h)
+    ys = jax.lax.ragged_dot(h, params["wo"].astype(dtype), counts)  # [N, D]
+    ys = jnp.where((key[order] < e)[:, None], ys, 0)
+    y = jnp.zeros((n, d), ys.dtype).at[order].set(ys).reshape(g, s, k, d)
+    w = jnp.where(decision.valid, decision.combine_weights, 0.0).astype(ys.dtype)
+    return jnp.sum(y * w[..., None], axis=2)
+
+
+# ------------------------------------------------------------------------------------------ run / registry
+
+
+class DispatchResult(NamedTuple):
+    y: Array  # [G, S, D]
+    kept: Array  # [G, S, K] or [G, E, C] bool: the assignment reached its expert
+    capacity: Optional[int]  # C, or None for dropless
+
+
+def run_einsum(x, decision, experts, capacity, slot_order="choice_major", **_) -> DispatchResult:
+    plan = make_capacity_plan(decision, capacity, slot_order)
+    dispatch_mask, combine_mask = einsum_masks(plan, x.shape[1], x.dtype)
+    ye = experts(einsum_dispatch(x, dispatch_mask))
+    return DispatchResult(einsum_combine(ye, combine_mask), plan.kept, capacity)
+
+
+def run_scatter(x, decision, experts, capacity, slot_order="choice_major", **_) -> DispatchResult:
+    plan = make_capacity_plan(decision, capacity, slot_order)
+    ye = experts(scatter_dispatch(x, plan))
+    return DispatchResult(scatter_combine(ye, plan, x.shape[1]), plan.kept, capacity)
+
+
+def run_dropless(x, decision, experts, capacity=None, block_size=None, impl="blocks", **_) -> DispatchResult:
+    if impl == "ragged_dot":
+        if decision.kind != "token_choice":
+            raise ValueError("dispatcher='dropless' supports token-choice routers only.")
+        params = {"wi": experts.wi, "wo": experts.wo}
+        if experts.glu:
+            params["wg"] = experts.wg
+        y = ragged_dot_experts(x, decision, params, experts.activation, experts.dtype)
+        return DispatchResult(y, decision.valid, None)
+    if impl != "blocks":
+        raise ValueError(f"MoEConfig.dropless_impl must be 'blocks' or 'ragged_dot', got {impl!r}.")
+    plan = make_dropless_plan(decision, block_size)
+    yb = experts.blocks(dropless_dispatch(x, plan), plan.block_expert)
+    return DispatchResult(dropless_combine(yb, plan), plan.kept, None)
+
+
+DISPATCHERS: Dict[str, Callable[..., DispatchResult]] = {
+    "einsum": run_einsum,
+    "scatter": run_scatter,
+    "dropless": run_dropless,
+}
+
+
+def default_dispatcher(backend: Optional[str] = None) -> str:
+    """The dispatcher that ``dispatcher='auto'`` resolves to on a backend (the fastest measured there,
+    see docs/perf.md)."""
+    backend = backend or jax.default_backend()
+    return "scatter"
+
+
+def get_dispatcher(name: str) -> Callable[..., DispatchResult]:
+    if name == "auto":
+        name = default_dispatcher()
+    if name not in DISPATCHERS:
+        raise ValueError(f"MoEConfig.dispatcher: unknown {name!r}; choose one of {sorted(DISPATCHERS) + ['auto']}.")
+    return DISPATCHERS[name]
+
+
+# ------------------------------------------------------------------------------------------ loop reference
+
+
+def loop_reference(
+    x: Array,
+    decision: RoutingDecision,
+    expert_one: Callable[[int, Array], Array],
+    capacity: Optional[int],
+    slot_order: str = "choice_major",
+) -> tuple:
+    """Slow, obvious reference (tests only): returns ``(y[G, S, D], kept)``.
+
+    The discrete parts of the decision (indices, validity) are read as concrete numbers and walked with
+    Python loops in the documented priority order; the continuous parts (``x``, combine weights, expert
+    params inside ``expert_one``) stay traced, so ``jax.grad`` through this reference is meaningful.
+    ``capacity=None`` means no limit. Batch priority (``decision.priority``) is honoured.
+    """
+    g_n, s_n, d = x.shape
+    valid = np.asarray(decision.valid)
+    rows = [[jnp.zeros((d,), x.dtype) for _ in range(s_n)] for _ in range(g_n)]
+    if decision.kind == "expert_choice":
+        token = np.asarray(decision.token_index)
+        _, e_n, c_n = token.shape
+        for g in range(g_n):
+            for e in range(e_n):
+                for c in range(c_n):
+                    if valid[g, e, c]:
+                        s = int(token[g, e, c])
+                        rows[g][s] = rows[g][s] + decision.combine_weights[g, e, c] * expert_one(e, x[g, s])
+        return jnp.stack([jnp.stack(r) for r in rows]), valid
+    expert = np.asarray(decision.expert_index)
+    k_n = expert.shape[-1]
+    kept = np.zeros_like(valid)
+    prio = None if decision.priority is None else np.asarray(decision.priority)
+    for g in range(g_n):
+        tokens = list(range(s_n)) if prio is None else list(np.argsort(-prio[g], kind="stable"))
+        if slot_order == "token_major":
+            order = [(s, k) for s in tokens for k in range(k_n)]
+        else:
+            order = [(s, k) for k in range(k_n) for s in tokens]
+        used = {}
+        for s, k in order:
+            if not valid[g, s, k]:
+                continue
+            e = int(expert[g, s, k])
+            if capacity is None or used.get(e, 0) < capacity:
+                used[e] = used.get(e, 0) + 1
+                kept[g, s, k] = True
+                rows[g][s] = rows[g][s] + decision.combine_weights[g, s, k] * expert_one(e, x[g, s])
+    return jnp.stack([jnp.stack(r) for r in rows]), kept

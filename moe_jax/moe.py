@@ -1,0 +1,291 @@
+"""The MoE layer: router -> dispatch -> experts -> combine (+ shared experts).
+
+Axes, used in every einsum string and shape comment of the package:
+
+====  ==========================================================================================
+``B``  batch
+``L``  sequence length
+``D``  model width
+``F``  FFN (expert) hidden width
+``H``  attention heads
+``T``  tokens, ``T = B * L``
+``G``  groups: tokens are split into G groups of S tokens; capacity and priority are per group
+``S``  tokens per group (``MoEConfig.group_size``; default: one sequence, ``S = L``)
+``E``  experts
+``K``  experts per token
+``C``  capacity: buffer slots per expert and group (``capacity.compute_capacity``)
+====  ==========================================================================================
+
+Example::
+
+    cfg = MoEConfig(num_experts=8, k=2, router="mixtral", expert_hidden=256, slot_order="token_major")
+    layer = MoELayer(cfg)
+    variables = layer.init({"params": key}, x)            # x: [B, L, D]
+    y, stats = layer.apply(variables, x, train=True, rngs={"router": key})
+    loss = task_loss(y) + stats.aux_loss
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from moe_jax import dispatch as dispatch_lib
+from moe_jax import losses, routing
+from moe_jax.capacity import compute_capacity
+from moe_jax.experts import ACTIVATIONS, BatchedExperts, DenseFFN
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Everything an MoE layer needs. ``MoEConfig(**config_dict)`` builds one from an ml_collections dict.
+
+    Routing:
+      num_experts: E. k: experts per token (K; for expert choice, the average, i.e. the capacity factor c).
+      router: a name from ``routing.router_names()``.
+      renormalize_top_k: divide the K chosen probabilities by their sum; None = the router's default
+        (mixtral, gshard, noisy_top_k: on; top_k, switch: off). Refused with K = 1.
+      second_policy: GShard's 2nd-expert policy, 'all' or 'random' (training only).
+      jitter_eps: Switch's multiplicative input jitter; None = router default (switch: 1e-2, others 0).
+      noise_eps: floor of the noisy-top-k noise scale.
+      router_init_std: std of the router's normal init.
+    Capacity and dispatch:
+      dispatcher: 'einsum', 'scatter', 'dropless' or 'auto' (fastest measured on the backend).
+      group_size: S, tokens per group; None = the sequence length. Must divide B*L.
+      capacity_factor / eval_capacity_factor: train and eval ``cf`` in ``C = ceil(cf * K * S / E)``.
+      capacity_multiple, min_capacity: rounding of C.
+      slot_order: 'choice_major' (all first choices first; GShard) or 'token_major' (strictly causal).
+      dropless_block_size: rows per block of the dropless layout; None = automatic.
+      dropless_impl: 'blocks' (CPU-friendly) or 'ragged_dot' (GPU).
+    Experts:
+      expert_hidden: F. activation: 'gelu', 'relu', 'silu'. glu: gated (SwiGLU with silu).
+      num_shared_experts, shared_expert_hidden: always-on experts (None width = F).
+    Losses (weights of the aux terms in ``MoEStats.aux_loss``):
+      lb_loss_coef (Switch), z_loss_coef (ST-MoE), importance_loss_coef, load_loss_coef (Shazeer).
+    Causality:
+      allow_non_causal: let a causal model use a non-causal router or priority order anyway.
+    """
+
+    num_experts: int = 8
+    k: int = 1
+    router: str = "top_k"
+    renormalize_top_k: Optional[bool] = None
+    second_policy: str = "all"
+    jitter_eps: Optional[float] = None
+    noise_eps: float = 1e-2
+    router_init_std: float = 0.02
+    dispatcher: str = "auto"
+    group_size: Optional[int] = None
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    capacity_multiple: int = 1
+    min_capacity: int = 1
+    slot_order: str = "choice_major"
+    dropless_block_size: Optional[int] = None
+    dropless_impl: str = "blocks"
+    expert_hidden: int = 256
+    activation: str = "gelu"
+    glu: bool = False
+    num_shared_experts: int = 0
+    shared_expert_hidden: Optional[int] = None
+    lb_loss_coef: float = 1e-2
+    z_loss_coef: float = 1e-3
+    importance_loss_coef: float = 1e-2
+    load_loss_coef: float = 1e-2
+    allow_non_causal: bool = False
+
+    @classmethod
+    def from_dict(cls, d) -> "MoEConfig":
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"moe config: unknown field(s) {unknown}; known fields: {sorted(names)}.")
+        return cls(**d)
+
+    @property
+    def uses_capacity(self) -> bool:
+        return self.resolved_dispatcher() != "dropless"
+
+    def resolved_dispatcher(self) -> str:
+        return dispatch_lib.default_dispatcher() if self.dispatcher == "auto" else self.dispatcher
+
+    def validate(self, causal: bool = False) -> "MoEConfig":
+        """Raise ``ValueError`` naming the field and the fix. ``causal``: the layer sits in a causal model."""
+        if self.num_experts < 1:
+            raise ValueError(f"moe.num_experts must be >= 1, got {self.num_experts}.")
+        if not 1 <= self.k <= self.num_experts:
+            raise ValueError(f"moe.k={self.k} must be between 1 and num_experts={self.num_experts}: a token "
+                             "cannot choose more experts than exist. Lower k or raise num_experts.")
+        router_cls = routing.get_router_class(self.router)
+        if self.dispatcher != "auto" and self.dispatcher not in dispatch_lib.DISPATCHERS:
+            raise ValueError(f"moe.dispatcher: unknown {self.dispatcher!r}; choose one of "
+                             f"{sorted(dispatch_lib.DISPATCHERS) + ['auto']}.")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is None or not value > 0:
+                raise ValueError(f"moe.{name} must be > 0, got {value!r}; use e.g. 1.25, or "
+                                 "dispatcher='dropless' for no capacity limit.")
+        if self.slot_order not in ("choice_major", "token_major"):
+            raise ValueError(f"moe.slot_order must be 'choice_major' or 'token_major', got {self.slot_order!r}.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"moe.activation: unknown {self.activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"moe.group_size must be >= 1 or None, got {self.group_size}.")
+        if self.expert_hidden < 1:
+            raise ValueError(f"moe.expert_hidden must be >= 1, got {self.expert_hidden}.")
+        if self.resolved_dispatcher() == "dropless" and router_cls.kind != "token_choice":
+            raise ValueError(f"moe.dispatcher='dropless' with router {self.router!r}: dropless needs a "
+                             "token-choice router. Use dispatcher='scatter' or 'einsum'.")
+        router_cls.check_config(self)
+        if causal and not self.allow_non_causal:
+            if not router_cls.causal:
+                raise ValueError(
+                    f"moe.router={self.router!r} is non-causal (a token's routing depends on later tokens), "
+                    "but this layer is in a causal model. Choose a causal router "
+                    f"({', '.join(n for n in routing.router_names() if routing.is_causal(n))}) "
+                    "or set moe.allow_non_causal=True if the leak is intended.")
+            if self.k >= 2 and self.uses_capacity and self.slot_order == "choice_major":
+                raise ValueError(
+                    f"moe.slot_order='choice_major' with k={self.k} and a capacity in a causal model: a later "
+                    "token's first choice can evict an earlier token's second choice, which leaks the future. "
+                    "Set moe.slot_order='token_major' (strictly causal), or dispatcher='dropless', or "
+                    "moe.allow_non_causal=True.")
+        return self
+
+
+@struct.dataclass
+class MoEStats:
+    """What one MoE layer reports. ``aux_loss`` is the weighted sum that the model adds to its loss.
+
+    ``losses``: unweighted terms (``load_balancing``, ``z_loss``, router-specific ones).
+    ``metrics``: ``drop_fraction`` (assignments that lost their slot), ``capacity_factor`` (actual:
+    ``C * E / (K * S)``; for dropless the factor that would have been needed, ``E * max_e f_e``),
+    ``expert_load`` ``[E]`` (fraction of assignments routed to each expert, before drops), ``max_vio``
+    (``max_e load_e / mean_e load_e - 1``, Wang et al. 2024), ``router_entropy`` (mean over tokens, nats),
+    ``top1_prob`` (mean of the largest router probability), ``experts_per_token`` (mean kept assignments per
+    real token).
+    """
+
+    aux_loss: Array
+    losses: Dict[str, Array]
+    metrics: Dict[str, Array]
+
+
+def _loss_coefs(cfg: MoEConfig) -> Dict[str, float]:
+    return {
+        "load_balancing": cfg.lb_loss_coef,
+        "z_loss": cfg.z_loss_coef,
+        "importance": cfg.importance_loss_coef,
+        "load": cfg.load_loss_coef,
+    }
+
+
+def routing_stats(cfg: MoEConfig, decision: routing.RoutingDecision, kept: Array, mask: Array,
+                  capacity: Optional[int]) -> MoEStats:
+    """Aux losses and metrics of one routing decision (pure; shapes in ``MoEStats``)."""
+    e = cfg.num_experts
+    m = mask.astype(jnp.float32)  # [G, S]
+    n_tokens = jnp.maximum(jnp.sum(m), 1.0)
+    group_size = mask.shape[1]
+    terms = {"z_loss": losses.router_z_loss(decision.router_logits, mask)}
+    if decision.kind == "token_choice":
+        terms["load_balancing"] = losses.load_balancing_loss(decision.router_probs, decision.expert_index,
+                                                             mask, decision.valid)
+        assigned = decision.valid.astype(jnp.float32) * m[..., None]  # [G, S, K]
+        per_expert = jnp.sum(jax.nn.one_hot(decision.expert_index, e) * assigned[..., None], axis=(0, 1, 2))
+        n_assigned = jnp.maximum(jnp.sum(assigned), 1.0)
+        n_kept = jnp.sum(kept.astype(jnp.float32) * m[..., None])
+        drop_fraction = 1.0 - n_kept / n_assigned
+        experts_per_token = n_kept / n_tokens
+    else:  # expert choice: [G, E, C]; a token is dropped if no expert took it
+        per_expert = jnp.sum(kept.astype(jnp.float32), axis=(0, 2))
+        n_assigned = jnp.maximum(jnp.sum(per_expert), 1.0)
+        g = mask.shape[0]
+        taken = jnp.zeros(mask.shape, jnp.float32).at[
+            jnp.arange(g)[:, None, None], decision.token_index].max(kept.astype(jnp.float32))
+        drop_fraction = 1.0 - jnp.sum(taken * m) / n_tokens
+        experts_per_token = jnp.sum(kept.astype(jnp.float32)) / n_tokens
+    terms.update(decision.aux_losses)
+    load = per_expert / n_assigned  # [E]
+    if capacity is not None:
+        actual_cf = jnp.asarray(capacity * e / (cfg.k * group_size), jnp.float32)
+    else:
+        actual_cf = e * jnp.max(load)
+    probs = decision.router_probs
+    entropy = -jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-30)), axis=-1)  # [G, S]
+    metrics = {
+        "drop_fraction": drop_fraction,
+        "capacity_factor": actual_cf,
+        "expert_load": load,
+        "max_vio": e * jnp.max(load) - 1.0,
+        "router_entropy": jnp.sum(entropy * m) / n_tokens,
+        "top1_prob": jnp.sum(jnp.max(probs, axis=-1) * m) / n_tokens,
+        "experts_per_token": experts_per_token,
+    }
+    coefs = _loss_coefs(cfg)
+    aux = sum(coefs.get(name, 0.0) * value for name, value in terms.items())
+    return MoEStats(aux_loss=jnp.asarray(aux, jnp.float32), losses=terms, metrics=metrics)
+
+
+class MoELayer(nn.Module):
+    """``(x[B, L, D], mask[B, L]) -> (y[B, L, D], MoEStats)``.
+
+    Attributes:
+      config: ``MoEConfig``.
+      causal: the layer sits in a causal model (validation refuses non-causal routing unless opted in).
+      dtype: compute dtype of the experts (the router is always float32); params are float32.
+    Call arguments: ``mask`` (1 = real token; padding is routed nowhere and counts in no statistic),
+    ``train`` (capacity factor, jitter, noise), ``token_ids [B, L]`` (hash routing).
+    """
+
+    config: MoEConfig
+    causal: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, mask: Optional[Array] = None, *, train: bool = False,
+                 token_ids: Optional[Array] = None):
+        cfg = self.config.validate(self.causal)
+        if x.ndim != 3:
+            raise ValueError(f"MoELayer expects x of shape [B, L, D], got {x.shape}.")
+        b, l, d = x.shape
+        s = cfg.group_size or l
+        t = b * l
+        if t % s:
+            raise ValueError(f"moe.group_size={s} does not divide the B*L={b}*{l}={t} tokens of the batch; choose "
+                             "a group size that divides B*L (e.g. the sequence length, or None).")
+        g = t // s
+        if mask is None:
+            mask = jnp.ones((b, l), bool)
+        elif mask.shape != (b, l):
+            raise ValueError(f"MoELayer: mask shape {mask.shape} != (B, L) = {(b, l)}.")
+        xg = x.reshape(g, s, d)  # [G, S, D]
+        mg = mask.reshape(g, s).astype(bool)  # [G, S]
+        tg = None if token_ids is None else token_ids.reshape(g, s)
+        dispatcher = cfg.resolved_dispatcher()
+        if dispatcher == "dropless":
+            capacity = None
+        else:
+            cf = cfg.capacity_factor if train else cfg.eval_capacity_factor
+            capacity = compute_capacity(s, cfg.num_experts, cfg.k, cf, cfg.capacity_multiple, cfg.min_capacity)
+        router = routing.get_router_class(cfg.router)(cfg, name="router")
+        decision = router(xg, mg, capacity=capacity, train=train, token_ids=tg)
+        experts = BatchedExperts(cfg.num_experts, d, cfg.expert_hidden, cfg.activation, cfg.glu,
+                                 dtype=self.dtype, name="experts")
+        result = dispatch_lib.get_dispatcher(dispatcher)(
+            xg.astype(self.dtype), decision, experts, capacity, slot_order=cfg.slot_order,
+            block_size=cfg.dropless_block_size, impl=cfg.dropless_impl)
+        y = result.y
+        if cfg.num_shared_experts > 0:
+            width = cfg.num_shared_experts * (cfg.shared_expert_hidden or cfg.expert_hidden)
+            # n shared experts of width F are exactly one FFN of width n*F (the hidden units just concatenate).
+            y = y + DenseFFN(width, cfg.activation, cfg.glu, dtype=self.dtype, name="shared")(xg)
+        stats = routing_stats(cfg, decision, result.kept, mg, capacity)
+        return y.reshape(b, l, d).astype(x.dtype), stats  # [B, L, D]
