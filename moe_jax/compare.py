@@ -1,0 +1,297 @@
+"""Dense-versus-sparse comparisons: train a set of models on the same data order and seeds, then tabulate and plot.
+
+A comparison config (``configs/compare_*.py``) holds:
+
+* ``base``: a full training config (``configs/base.py`` layout);
+* ``models``: ``{name: overrides}``, each a nested dict merged into ``base`` (``{'model': {'moe_every': 2}}``);
+* ``seeds``: the seeds each model is trained with (the same seeds, hence the same data order, for all models);
+* ``results_dir``: optional folder (e.g. ``docs/results/headline``) that receives a copy of the table and plots.
+
+Each run lives in ``workdir/<model>/seed<k>``; a run whose ``summary.json`` exists is not retrained (and a
+killed run resumes from its checkpoint), so rerunning the same command finishes what is missing.
+
+Outputs in ``workdir``: ``results.md``, ``results.csv``, ``val_loss_vs_steps.png``,
+``val_loss_vs_flops.png``, ``val_loss_vs_time.png``, ``expert_load.png`` (MoE models).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import shutil
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+
+def deep_merge(base: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
+    """Recursively merge ``overrides`` into a copy of ``base`` (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def model_configs(cmp_cfg) -> Dict[str, Any]:
+    """``{name: full training ConfigDict}`` from a comparison config."""
+    import ml_collections
+
+    base = cmp_cfg.base.to_dict()
+    out = {}
+    for name, overrides in cmp_cfg.models.to_dict().items():
+        unknown = set(_flatten(overrides)) - set(_flatten(base))
+        if unknown:
+            raise ValueError(f"compare config: models.{name} overrides unknown field(s) {sorted(unknown)} "
+                             "(not in base); fix the spelling or add the field to the base config.")
+        out[name] = ml_collections.ConfigDict(deep_merge(base, overrides))
+    return out
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def read_jsonl(path: str) -> List[Dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a kill; the run rewrites it on resume
+                    continue
+    return rows
+
+
+def curves(run_dir: str) -> Dict[str, np.ndarray]:
+    """Validation curve of one run: step, flops (training FLOPs so far), time (s), val loss; plus train stats.
+
+    Later records win when a resumed run logged a step twice.
+    """
+    rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    val = {}
+    train = {}
+    for r in rows:
+        if r.get("split") == "val":
+            val[r["step"]] = r
+        elif r.get("split") == "train":
+            train[r["step"]] = r
+    steps = sorted(val)
+    out = {
+        "step": np.array(steps, float),
+        "flops": np.array([val[s].get("flops", np.nan) for s in steps], float),
+        "time": np.array([val[s].get("elapsed_s", np.nan) for s in steps], float),
+        "val_loss": np.array([val[s]["loss"] for s in steps], float),
+    }
+    tsteps = sorted(train)
+    out["train_step"] = np.array(tsteps, float)
+    for key in ("tokens_per_s", "drop_fraction", "max_vio"):
+        out[key] = np.array([train[s].get(key, np.nan) for s in tsteps], float)
+    loads = [train[s].get("expert_load") for s in tsteps]
+    out["expert_load"] = loads if any(l is not None for l in loads) else None
+    return out
+
+
+def interp_at(x: np.ndarray, y: np.ndarray, at: float) -> float:
+    """``y`` at ``x = at`` by linear interpolation; NaN outside the measured range."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) == 0 or at < x[0] - 1e-9 or at > x[-1] * (1 + 1e-9):
+        return float("nan")
+    return float(np.interp(at, x, y))
+
+
+def _mean_std(values: List[float]) -> tuple:
+    v = np.array([x for x in values if np.isfinite(x)], float)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def _fmt(mean: float, std: float, digits: int = 3) -> str:
+    if not np.isfinite(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summarize(workdir: str, names: List[str], seeds: List[int]) -> List[Dict[str, Any]]:
+    """One row per model: sizes, FLOPs, final / equal-FLOPs / equal-time validation loss, speed, balance."""
+    runs = {n: {s: os.path.join(workdir, n, f"seed{s}") for s in seeds} for n in names}
+    data = {n: {s: curves(d) for s, d in r.items()} for n, r in runs.items()}
+    summaries = {}
+    for n in names:
+        for s in seeds:
+            path = os.path.join(runs[n][s], "summary.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    summaries.setdefault(n, json.load(f))
+    # Budgets shared by every model: the smallest final FLOPs / wall time reached by any run.
+    finals_flops = [c["flops"][-1] for n in names for c in data[n].values() if len(c["flops"])]
+    finals_time = [c["time"][-1] for n in names for c in data[n].values() if len(c["time"])]
+    flop_budget = min(finals_flops) if finals_flops else float("nan")
+    time_budget = min(finals_time) if finals_time else float("nan")
+    rows = []
+    for n in names:
+        cs = list(data[n].values())
+        final = [c["val_loss"][-1] if len(c["val_loss"]) else float("nan") for c in cs]
+        at_flops = [interp_at(c["flops"], c["val_loss"], flop_budget) for c in cs]
+        at_time = [interp_at(c["time"], c["val_loss"], time_budget) for c in cs]
+        tps = [np.nanmedian(c["tokens_per_s"]) if len(c["tokens_per_s"]) else float("nan") for c in cs]
+        drop = [c["drop_fraction"][-1] if len(c["drop_fraction"]) else float("nan") for c in cs]
+        vio = [c["max_vio"][-1] if len(c["max_vio"]) else float("nan") for c in cs]
+        summ = summaries.get(n, {})
+        fm, fs = _mean_std(final)
+        rows.append({
+            "model": n,
+            "total_params": summ.get("total_params"),
+            "active_params": summ.get("active_params"),
+            "train_flops_per_token": summ.get("flops_per_token"),
+            "steps": int(cs[0]["step"][-1]) if len(cs[0]["step"]) else 0,
+            "seeds": len([c for c in cs if len(c["val_loss"])]),
+            "val_loss": fm, "val_loss_std": fs,
+            "val_ppl": math.exp(fm) if np.isfinite(fm) else float("nan"),
+            "val_loss_at_equal_flops": _mean_std(at_flops)[0], "val_loss_at_equal_flops_std": _mean_std(at_flops)[1],
+            "val_loss_at_equal_time": _mean_std(at_time)[0], "val_loss_at_equal_time_std": _mean_std(at_time)[1],
+            "tokens_per_s": _mean_std(tps)[0],
+            "drop_fraction": _mean_std(drop)[0],
+            "max_vio": _mean_std(vio)[0],
+            "flop_budget": flop_budget, "time_budget": time_budget,
+        })
+    return rows
+
+
+def _si(x) -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "n/a"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def write_table(rows: List[Dict[str, Any]], workdir: str, title: str = "") -> str:
+    """Write ``results.md`` and ``results.csv``; return the Markdown text."""
+    with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    budget_flops, budget_time = rows[0]["flop_budget"], rows[0]["time_budget"]
+    lines = []
+    if title:
+        lines += [f"## {title}", ""]
+    lines += [
+        "| model | total params | active params | train FLOPs/token | steps | seeds | val loss | val ppl | "
+        f"val loss @ {_si(budget_flops)}FLOPs | val loss @ {budget_time:.0f}s | tokens/s | drop frac | MaxVio |",
+        "|" + "---|" * 13,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {_si(r['total_params'])} | {_si(r['active_params'])} | "
+            f"{_si(r['train_flops_per_token'])} | {r['steps']} | {r['seeds']} | "
+            f"{_fmt(r['val_loss'], r['val_loss_std'])} | {r['val_ppl']:.2f} | "
+            f"{_fmt(r['val_loss_at_equal_flops'], r['val_loss_at_equal_flops_std'])} | "
+            f"{_fmt(r['val_loss_at_equal_time'], r['val_loss_at_equal_time_std'])} | "
+            f"{r['tokens_per_s']:.0f} | {r['drop_fraction']:.3f} | {r['max_vio']:.3f} |"
+            .replace("nan", "n/a"))
+    lines += ["", "val loss: mean ± sample std over seeds of the last validation loss (nats/token); "
+              "@ FLOPs / @ s: interpolated at the smallest training-FLOPs / wall-time budget that every run reached."]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def plot(workdir: str, names: List[str], seeds: List[int]) -> List[str]:
+    """Validation loss against steps, FLOPs and wall time; per-expert load over time for MoE models."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = {n: [curves(os.path.join(workdir, n, f"seed{s}")) for s in seeds] for n in names}
+    paths = []
+    for key, xlabel, fname in (("step", "training step", "val_loss_vs_steps.png"),
+                               ("flops", "training FLOPs", "val_loss_vs_flops.png"),
+                               ("time", "wall time (s)", "val_loss_vs_time.png")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for i, n in enumerate(names):
+            for j, c in enumerate(data[n]):
+                if len(c["val_loss"]):
+                    ax.plot(c[key], c["val_loss"], color=f"C{i}", alpha=0.9 if j == 0 else 0.5,
+                            label=n if j == 0 else None)
+        if key == "flops":
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title(f"Validation loss vs {xlabel}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(workdir, fname)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    moe = [n for n in names if data[n] and data[n][0]["expert_load"] is not None]
+    if moe:
+        fig, axes = plt.subplots(1, len(moe), figsize=(4.0 * len(moe), 3.4), squeeze=False)
+        for ax, n in zip(axes[0], moe):
+            c = data[n][0]
+            load = np.array([np.mean(np.asarray(l, float).reshape(-1, np.shape(l)[-1]), axis=0)
+                             for l in c["expert_load"] if l is not None])  # [steps, E], mean over layers
+            steps = c["train_step"][: len(load)]
+            for e in range(load.shape[1]):
+                ax.plot(steps, load[:, e], lw=1)
+            ax.axhline(1.0 / load.shape[1], color="k", ls="--", lw=0.8)
+            ax.set_title(f"{n}: per-expert load")
+            ax.set_xlabel("training step")
+            ax.set_ylabel("fraction of assignments")
+        fig.tight_layout()
+        path = os.path.join(workdir, "expert_load.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print) -> Dict[str, Any]:
+    """Train every (model, seed) that has no ``summary.json`` yet, then write the table and plots."""
+    if train_fn is None:
+        from moe_jax.train import train as train_fn
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    configs = model_configs(cmp_cfg)
+    names = list(configs)
+    seeds = list(cmp_cfg.seeds)
+    for name, cfg in configs.items():
+        for seed in seeds:
+            run_dir = os.path.join(workdir, name, f"seed{seed}")
+            if os.path.exists(os.path.join(run_dir, "summary.json")):
+                log(f"[compare] {name} seed {seed}: done already, skipping")
+                continue
+            run_cfg = copy.deepcopy(cfg)
+            run_cfg.seed = int(seed)
+            log(f"[compare] training {name} seed {seed} -> {run_dir}")
+            train_fn(run_cfg, run_dir)
+    rows = summarize(workdir, names, seeds)
+    table = write_table(rows, workdir, title=cmp_cfg.get("title", ""))
+    plots = plot(workdir, names, seeds)
+    results_dir = cmp_cfg.get("results_dir", "")
+    if results_dir:
+        os.makedirs(results_dir, exist_ok=True)
+        for path in [os.path.join(workdir, "results.md"), os.path.join(workdir, "results.csv")] + plots:
+            shutil.copy(path, results_dir)
+    return {"rows": rows, "table": table, "plots": plots}
