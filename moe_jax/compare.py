@@ -42,8 +42,13 @@ def model_configs(cmp_cfg) -> Dict[str, Any]:
     import ml_collections
 
     base = cmp_cfg.base.to_dict()
+    models = cmp_cfg.models.to_dict()
+    order = list(cmp_cfg.get("order", None) or models)  # ConfigDict sorts its keys; `order` keeps the author's
+    if sorted(order) != sorted(models):
+        raise ValueError(f"compare config: order {order} must list exactly the models {sorted(models)}.")
     out = {}
-    for name, overrides in cmp_cfg.models.to_dict().items():
+    for name in order:
+        overrides = models[name]
         unknown = set(_flatten(overrides)) - set(_flatten(base))
         if unknown:
             raise ValueError(f"compare config: models.{name} overrides unknown field(s) {sorted(unknown)} "

@@ -27,7 +27,9 @@ their semantics agree (same capacity, same slot order); the tests hold each agai
    the better choice (``dropless_impl='ragged_dot'``).
 
 Token-choice and expert-choice decisions are both supported by ``einsum`` and ``scatter``; ``dropless`` is
-token choice only (expert choice never overflows by construction).
+token choice only (expert choice never overflows by construction). Soft MoE decisions (``kind='soft'``, dense
+``[G, S, E, C]`` dispatch and combine weights) run on ``einsum`` (``run_soft``); ``scatter`` delegates to it and
+``dropless`` refuses them.
 """
 from __future__ import annotations
 
@@ -267,7 +269,19 @@ class DispatchResult(NamedTuple):
     capacity: Optional[int]  # C, or None for dropless
 
 
+def run_soft(x, decision, experts, *_, **__) -> DispatchResult:
+    """Soft MoE (``kind='soft'``): the decision's dense ``dispatch_weights``/``combine_weights [G, S, E, C]``
+    are the einsum masks themselves (C = slots per expert, from the decision). ``kept``: ``[G, E, C]``, all
+    True (no slot is ever empty or dropped)."""
+    g, _, e, c = decision.dispatch_weights.shape
+    ye = experts(einsum_dispatch(x, decision.dispatch_weights.astype(x.dtype)))  # [E, G*C, D]
+    y = einsum_combine(ye, decision.combine_weights.astype(ye.dtype))
+    return DispatchResult(y, jnp.ones((g, e, c), bool), c)
+
+
 def run_einsum(x, decision, experts, capacity, slot_order="choice_major", **_) -> DispatchResult:
+    if decision.kind == "soft":
+        return run_soft(x, decision, experts)
     plan = make_capacity_plan(decision, capacity, slot_order)
     dispatch_mask, combine_mask = einsum_masks(plan, x.shape[1], x.dtype)
     ye = experts(einsum_dispatch(x, dispatch_mask))
@@ -275,12 +289,18 @@ def run_einsum(x, decision, experts, capacity, slot_order="choice_major", **_) -
 
 
 def run_scatter(x, decision, experts, capacity, slot_order="choice_major", **_) -> DispatchResult:
+    if decision.kind == "soft":  # dense mixtures have no sparse buffer layout: the einsum path is the one
+        return run_soft(x, decision, experts)
     plan = make_capacity_plan(decision, capacity, slot_order)
     ye = experts(scatter_dispatch(x, plan))
     return DispatchResult(scatter_combine(ye, plan, x.shape[1]), plan.kept, capacity)
 
 
 def run_dropless(x, decision, experts, capacity=None, block_size=None, impl="blocks", **_) -> DispatchResult:
+    if decision.kind == "soft":
+        raise ValueError("moe.dispatcher='dropless' cannot run a Soft MoE router (kind 'soft'): its slots are "
+                         "dense mixtures of all tokens, there is no token->expert assignment to sort. Use "
+                         "moe.dispatcher='einsum' (or 'scatter', which delegates to einsum).")
     if impl == "ragged_dot":
         if decision.kind != "token_choice":
             raise ValueError("dispatcher='dropless' supports token-choice routers only.")

@@ -35,7 +35,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from moe_jax import dispatch as dispatch_lib
+from moe_jax import parallel
 from moe_jax import losses, routing
+from moe_jax import routers_extra  # noqa: F401  (registers base, sinkhorn, hash, soft_moe, deepseek, ...)
 from moe_jax.capacity import compute_capacity
 from moe_jax.experts import ACTIVATIONS, BatchedExperts, DenseFFN
 
@@ -67,7 +69,19 @@ class MoEConfig:
       expert_hidden: F. activation: 'gelu', 'relu', 'silu'. glu: gated (SwiGLU with silu).
       num_shared_experts, shared_expert_hidden: always-on experts (None width = F).
     Losses (weights of the aux terms in ``MoEStats.aux_loss``):
-      lb_loss_coef (Switch), z_loss_coef (ST-MoE), importance_loss_coef, load_loss_coef (Shazeer).
+      lb_loss_coef (Switch), z_loss_coef (ST-MoE), importance_loss_coef, load_loss_coef (Shazeer),
+      dynamic_loss_coef (top_p's router-entropy loss), seq_aux_coef (DeepSeek-V3 sequence-wise balance, alpha).
+    Router-specific (``moe_jax.routers_extra``):
+      top_p: cumulative-probability threshold p of router='top_p' (Huang et al. 2024; k is the cap K_max).
+      confidence_threshold: router='confidence' takes top-1 if its probability exceeds this, else top-2.
+      num_slots: Soft MoE slots per expert (C of router='soft_moe').
+      score_func: DeepSeek affinity, 'sigmoid' (V3) or 'softmax' (V2).
+      n_groups, topk_groups: DeepSeek group-limited routing (experts in n_groups groups, keep topk_groups).
+      routed_scaling: DeepSeek factor on the routed experts' combine weights.
+      bias_update_rate: DeepSeek aux-loss-free bias step gamma (0 = off); applied when 'moe_state' is mutable.
+      sinkhorn_iters: Sinkhorn rounds of router='sinkhorn' (S-BASE).
+      base_iters, base_eps: auction budget (rounds) and relative bid step of router='base'.
+      hash_seed: selects the hash function of router='hash'.
     Causality:
       allow_non_causal: let a causal model use a non-causal router or priority order anyway.
     """
@@ -98,6 +112,20 @@ class MoEConfig:
     z_loss_coef: float = 1e-3
     importance_loss_coef: float = 1e-2
     load_loss_coef: float = 1e-2
+    dynamic_loss_coef: float = 1e-4
+    seq_aux_coef: float = 1e-4
+    top_p: float = 0.4
+    confidence_threshold: float = 0.5
+    num_slots: int = 1
+    score_func: str = "sigmoid"
+    n_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling: float = 1.0
+    bias_update_rate: float = 1e-3
+    sinkhorn_iters: int = 8
+    base_iters: int = 1000
+    base_eps: float = 1e-3
+    hash_seed: int = 0
     allow_non_causal: bool = False
 
     @classmethod
@@ -170,7 +198,10 @@ class MoEStats:
     ``expert_load`` ``[E]`` (fraction of assignments routed to each expert, before drops), ``max_vio``
     (``max_e load_e / mean_e load_e - 1``, Wang et al. 2024), ``router_entropy`` (mean over tokens, nats),
     ``top1_prob`` (mean of the largest router probability), ``experts_per_token`` (mean kept assignments per
-    real token).
+    real token), ``experts_per_token_hist`` ``[K+1]`` (token choice only: fraction of real tokens with 0..K
+    kept assignments; its mean is ``experts_per_token``). Soft MoE (``kind='soft'``): ``expert_load`` is each
+    expert's share of the combine weights, nothing is dropped, ``experts_per_token = E``, ``capacity_factor``
+    is ``num_slots * E / S``.
     """
 
     aux_loss: Array
@@ -184,6 +215,8 @@ def _loss_coefs(cfg: MoEConfig) -> Dict[str, float]:
         "z_loss": cfg.z_loss_coef,
         "importance": cfg.importance_loss_coef,
         "load": cfg.load_loss_coef,
+        "dynamic": cfg.dynamic_loss_coef,
+        "seq_balance": cfg.seq_aux_coef,
     }
 
 
@@ -195,6 +228,7 @@ def routing_stats(cfg: MoEConfig, decision: routing.RoutingDecision, kept: Array
     n_tokens = jnp.maximum(jnp.sum(m), 1.0)
     group_size = mask.shape[1]
     terms = {"z_loss": losses.router_z_loss(decision.router_logits, mask)}
+    extra_metrics = {}
     if decision.kind == "token_choice":
         terms["load_balancing"] = losses.load_balancing_loss(decision.router_probs, decision.expert_index,
                                                              mask, decision.valid)
@@ -204,6 +238,16 @@ def routing_stats(cfg: MoEConfig, decision: routing.RoutingDecision, kept: Array
         n_kept = jnp.sum(kept.astype(jnp.float32) * m[..., None])
         drop_fraction = 1.0 - n_kept / n_assigned
         experts_per_token = n_kept / n_tokens
+        n_per_token = jnp.sum(kept.astype(jnp.int32), axis=-1)  # [G, S] kept experts of each token
+        hist = jnp.sum(jax.nn.one_hot(n_per_token, kept.shape[-1] + 1) * m[..., None], axis=(0, 1))  # [K+1]
+        extra_metrics["experts_per_token_hist"] = hist / n_tokens
+    elif decision.kind == "soft":  # Soft MoE: every real token feeds every slot; nothing is dropped
+        per_expert = jnp.sum(decision.router_probs * m[..., None], axis=(0, 1))  # combine mass per expert
+        n_assigned = jnp.maximum(jnp.sum(per_expert), 1e-20)
+        drop_fraction = jnp.zeros((), jnp.float32)
+        experts_per_token = jnp.asarray(float(e), jnp.float32)
+        slots = decision.combine_weights.shape[-1]
+        extra_metrics["capacity_factor"] = jnp.asarray(slots * e / group_size, jnp.float32)
     else:  # expert choice: [G, E, C]; a token is dropped if no expert took it
         per_expert = jnp.sum(kept.astype(jnp.float32), axis=(0, 2))
         n_assigned = jnp.maximum(jnp.sum(per_expert), 1.0)
@@ -229,6 +273,7 @@ def routing_stats(cfg: MoEConfig, decision: routing.RoutingDecision, kept: Array
         "top1_prob": jnp.sum(jnp.max(probs, axis=-1) * m) / n_tokens,
         "experts_per_token": experts_per_token,
     }
+    metrics.update(extra_metrics)
     coefs = _loss_coefs(cfg)
     aux = sum(coefs.get(name, 0.0) * value for name, value in terms.items())
     return MoEStats(aux_loss=jnp.asarray(aux, jnp.float32), losses=terms, metrics=metrics)
@@ -279,9 +324,16 @@ class MoELayer(nn.Module):
         decision = router(xg, mg, capacity=capacity, train=train, token_ids=tg)
         experts = BatchedExperts(cfg.num_experts, d, cfg.expert_hidden, cfg.activation, cfg.glu,
                                  dtype=self.dtype, name="experts")
-        result = dispatch_lib.get_dispatcher(dispatcher)(
-            xg.astype(self.dtype), decision, experts, capacity, slot_order=cfg.slot_order,
-            block_size=cfg.dropless_block_size, impl=cfg.dropless_impl)
+        mesh = parallel.context_mesh()  # set by `with jax.set_mesh(mesh)`; see parallel.py
+        if mesh is None:
+            result = dispatch_lib.get_dispatcher(dispatcher)(
+                xg.astype(self.dtype), decision, experts, capacity, slot_order=cfg.slot_order,
+                block_size=cfg.dropless_block_size, impl=cfg.dropless_impl)
+        else:
+            parallel.check_layer_divisibility(mesh, cfg.num_experts, g, (b, l), s)
+            result = parallel.run_expert_parallel(
+                xg.astype(self.dtype), decision, experts, capacity, dispatcher=dispatcher, mesh=mesh,
+                slot_order=cfg.slot_order, block_size=cfg.dropless_block_size, impl=cfg.dropless_impl)
         y = result.y
         if cfg.num_shared_experts > 0:
             width = cfg.num_shared_experts * (cfg.shared_expert_hidden or cfg.expert_hidden)

@@ -50,7 +50,10 @@ class RoutingDecision:
       router_probs: ``[G, S, E]`` float32, softmax over all experts (load-balancing loss, metrics).
       priority: optional ``[G, S]`` score; higher fills expert buffers first (batch-prioritized routing).
       aux_losses: router-specific unweighted losses (name -> scalar), e.g. ``importance``, ``load``.
-      kind: ``'token_choice'`` or ``'expert_choice'`` (static).
+      dispatch_weights: ``[G, S, E, C]`` float32, Soft MoE only (``kind='soft'``): slot ``(e, c)``'s input is
+        ``sum_s dispatch_weights[g, s, e, c] * x[g, s]``; its ``combine_weights`` are ``[G, S, E, C]`` too and
+        ``valid`` is ``[G, S, E, C]``.
+      kind: ``'token_choice'``, ``'expert_choice'`` or ``'soft'`` (static).
     """
 
     combine_weights: Array
@@ -60,6 +63,7 @@ class RoutingDecision:
     expert_index: Optional[Array] = None
     token_index: Optional[Array] = None
     priority: Optional[Array] = None
+    dispatch_weights: Optional[Array] = None
     aux_losses: Dict[str, Array] = struct.field(default_factory=dict)
     kind: str = struct.field(pytree_node=False, default="token_choice")
 

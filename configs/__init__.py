@@ -1,0 +1,1 @@
+"""Training configs (ml_collections); load one with ``--config configs/<name>.py[:tiny]``."""

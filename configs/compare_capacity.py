@@ -1,0 +1,19 @@
+"""Capacity: Switch top-1, E=8, training capacity factor 1.0, 1.25, 2.0 and dropless: drops against quality.
+
+    python experiments/compare.py --config configs/compare_capacity.py --workdir runs/capacity
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import base, compare_base  # noqa: E402
+
+
+def get_config(size=None):
+    cfg = base.make_config(size)
+    models = {}
+    for cf in (1.0, 1.25, 2.0):
+        models[f"cf{cf}".replace(".", "_")] = compare_base.moe_model(dict(compare_base.SWITCH, capacity_factor=cf))
+    models["dropless"] = compare_base.moe_model(dict(compare_base.SWITCH, dispatcher="dropless"))
+    return compare_base.make(cfg, models, seeds=(0,), title="Capacity factor vs dropless (Switch top-1, E=8)",
+                             results_dir="docs/results/capacity")

@@ -1,0 +1,1 @@
+"""Command-line entry points (run as scripts from the repository root)."""

@@ -1,0 +1,244 @@
+"""Benchmark one MoE layer against the dense FFN of the same active FLOPs (forward + backward).
+
+    taskset -c 0 python experiments/bench_layer.py                       # the full CPU table (docs/perf.md)
+    taskset -c 0 python experiments/bench_layer.py --quick               # smoke run, small T
+    taskset -c 0 python experiments/bench_layer.py --experts 8,64 --k 2 --dispatchers scatter
+    python experiments/bench_layer.py --dtype bfloat16 --dispatchers scatter,dropless,ragged_dot  # on a GPU
+
+What is timed: ``jax.jit(jax.grad(loss))`` w.r.t. the layer's parameters and its input, where
+``loss = sum(y * R) + aux_loss`` for a fixed random ``R`` and ``y, stats = MoELayer(x, train=True)`` on
+``x [T/L, L, D]`` (router ``top_k``, no jitter, GELU experts, capacity factor ``--capacity-factor``). The
+baseline is ``DenseFFN`` of width ``K * F`` on the same ``x`` with ``loss = sum(y * R)``: the same useful
+(active) FLOPs, ``3 * 2 * 2 * T * D * K * F`` for forward + backward.
+
+Rows (``--dispatchers``):
+
+* ``einsum``: one-hot einsum dispatch with ``MoEConfig.group_size='auto'`` (the einsum picks its own group
+  size, see ``dispatch.auto_group_size``);
+* ``einsum_seq``: one-hot einsum with one group per sequence (``group_size=None``, S = L);
+* ``scatter``: the capacity buffer (sort/scatter), groups of one sequence;
+* ``dropless``: sorted, block-padded dropless layout (``dropless_impl='blocks'``);
+* ``ragged_dot``: dropless with ``jax.lax.ragged_dot`` (``dropless_impl='ragged_dot'``; on CPU it costs E
+  times the useful work, so it is not in the default CPU list).
+
+Measurement: every function is compiled first; then ``--repeats`` rounds, each round calling the dense
+baseline and every MoE variant of the same K once, in turn, in this one process (so slow drifts of a shared
+machine hit all of them alike). Reported per row: the median time, the ratio to the dense baseline (the
+median over rounds of ``t_moe / t_dense`` of the same round), the achieved GFLOP/s of useful work (active
+FLOPs / median time), and XLA's compiled memory footprint (arguments + outputs + temporaries, from
+``compiled.memory_analysis()``; this is the peak the buffer assignment plans for, not an RSS measurement).
+The ``drop`` column is the fraction of token-expert assignments dropped by the capacity limit for this input.
+
+CPU pinning: unless ``XLA_FLAGS`` is already set, the script runs XLA on one CPU thread
+(``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``); start it under ``taskset -c 0``.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
+    sys.path.insert(0, _ROOT)
+
+DISPATCHERS = ("einsum", "einsum_seq", "scatter", "dropless", "ragged_dot")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=8192, help="T, tokens per step (default 8192)")
+    p.add_argument("--seq-len", type=int, default=1024, help="L: x is [T/L, L, D]; capacity groups are one "
+                   "sequence unless the dispatcher picks its own (default 1024)")
+    p.add_argument("--d-model", type=int, default=512, help="D (default 512)")
+    p.add_argument("--hidden", type=int, default=1024, help="F, the expert width (default 1024)")
+    p.add_argument("--experts", default="8,16,32,64", help="comma-separated E values")
+    p.add_argument("--k", default="1,2", help="comma-separated K values")
+    p.add_argument("--dispatchers", default=None,
+                   help=f"comma-separated subset of {','.join(DISPATCHERS)} (default: all but ragged_dot on "
+                        "CPU, all on GPU/TPU)")
+    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (medians are reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per function after compiling")
+    p.add_argument("--quick", action="store_true", help="smoke run: T=1024, L=256, D=128, F=256, 2 repeats")
+    p.add_argument("--matmul", action="store_true",
+                   help="also time one dense matmul of the same FLOPs as each K's dense FFN (GPU roofline)")
+    p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+    p.add_argument("--no-pin", action="store_true", help="do not set single-thread XLA CPU flags")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.tokens, args.seq_len, args.d_model, args.hidden = 1024, 256, 128, 256
+        args.repeats = min(args.repeats, 2)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.no_pin and "XLA_FLAGS" not in os.environ:
+        os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from moe_jax import dispatch
+    from moe_jax.experts import DenseFFN
+    from moe_jax.moe import MoEConfig, MoELayer
+
+    backend = jax.default_backend()
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    experts_list = [int(v) for v in args.experts.split(",")]
+    k_list = [int(v) for v in args.k.split(",")]
+    if args.dispatchers:
+        names = args.dispatchers.split(",")
+    else:
+        names = [n for n in DISPATCHERS if backend != "cpu" or n != "ragged_dot"]
+    for n in names:
+        if n not in DISPATCHERS:
+            raise SystemExit(f"--dispatchers: unknown {n!r}; choose from {','.join(DISPATCHERS)}")
+    t, l, d, f = args.tokens, args.seq_len, args.d_model, args.hidden
+    if t % l:
+        raise SystemExit(f"--tokens {t} must be a multiple of --seq-len {l}")
+    b = t // l
+
+    kx, kr, kp = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (b, l, d), jnp.float32).astype(dtype)
+    r = jax.random.normal(kr, (b, l, d), jnp.float32).astype(dtype)
+
+    def moe_config(name, e, k):
+        kw = dict(num_experts=e, k=k, router="top_k", expert_hidden=f, activation="gelu",
+                  capacity_factor=args.capacity_factor, jitter_eps=0.0)
+        if name == "einsum":
+            kw.update(dispatcher="einsum", group_size="auto")
+        elif name == "einsum_seq":
+            kw.update(dispatcher="einsum")
+        elif name == "scatter":
+            kw.update(dispatcher="scatter")
+        elif name == "dropless":
+            kw.update(dispatcher="dropless", dropless_impl="blocks")
+        elif name == "ragged_dot":
+            kw.update(dispatcher="dropless", dropless_impl="ragged_dot")
+        return MoEConfig(**kw)
+
+    def build_moe(cfg):
+        layer = MoELayer(cfg, dtype=dtype)
+        params = layer.init({"params": kp, "router": kp}, x, train=True)["params"]
+
+        def loss(params, x):
+            y, stats = layer.apply({"params": params}, x, train=True, rngs={"router": kp})
+            return jnp.sum((y * r).astype(jnp.float32)) + stats.aux_loss
+
+        def drop(params, x):
+            return layer.apply({"params": params}, x, train=True, rngs={"router": kp})[1].metrics["drop_fraction"]
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1))), params, jax.jit(drop)
+
+    def build_dense(k):
+        ffn = DenseFFN(k * f, activation="gelu", dtype=dtype)
+        params = ffn.init(kp, x)["params"]
+
+        def loss(params, x):
+            return jnp.sum((ffn.apply({"params": params}, x) * r).astype(jnp.float32))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1))), params
+
+    def build_matmul(k):
+        # one [T, D] x [D, 3*2*K*F] matmul = the dense FFN's forward+backward FLOPs in a single dot
+        a = jax.random.normal(kx, (t, d), jnp.float32).astype(dtype)
+        w = jax.random.normal(kr, (d, 6 * k * f), jnp.float32).astype(dtype)
+        return jax.jit(lambda a, w: a @ w), (a, w)
+
+    def memory_mib(fn, *fargs):
+        try:
+            m = fn.lower(*fargs).compile().memory_analysis()
+            total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            total -= getattr(m, "alias_size_in_bytes", 0)
+            return total / 2 ** 20
+        except Exception:  # noqa: BLE001  (not every backend reports it)
+            return float("nan")
+
+    def block(out):
+        jax.tree.map(lambda a: a.block_until_ready(), out)
+
+    dev = jax.devices()[0]
+    machine = f"{backend}: {getattr(dev, 'device_kind', '')}, {platform.processor() or platform.machine()}"
+    print(f"# bench_layer: T={t} L={l} D={d} F={f} dtype={args.dtype} cf={args.capacity_factor} "
+          f"repeats={args.repeats}; jax {jax.__version__}; {machine}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+          f"affinity={sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}; "
+          f"dispatch.default_dispatcher()={dispatch.default_dispatcher()!r}", flush=True)
+    rows = []
+    for k in k_list:
+        useful = 3 * 2 * 2 * t * d * k * f  # forward + backward FLOPs of the active FFN work
+        fns = []  # (label, e, fn, args, drop)
+        dense_fn, dense_params = build_dense(k)
+        fns.append(("dense", None, dense_fn, (dense_params, x), None))
+        if args.matmul:
+            mm_fn, mm_args = build_matmul(k)
+            fns.append(("matmul", None, mm_fn, mm_args, None))
+        for e in experts_list:
+            if k > e:
+                continue
+            for name in names:
+                cfg = moe_config(name, e, k)
+                try:
+                    fn, params, drop_fn = build_moe(cfg)
+                    drop = float(drop_fn(params, x))
+                except Exception as err:  # noqa: BLE001  (report and go on)
+                    print(f"skip {name} E={e} K={k}: {type(err).__name__}: {err}", flush=True)
+                    continue
+                fns.append((name, e, fn, (params, x), drop))
+        times = {i: [] for i in range(len(fns))}
+        info = {}
+        for i, (label, e, fn, fargs, _) in enumerate(fns):
+            t0 = time.perf_counter()
+            block(fn(*fargs))
+            compile_s = time.perf_counter() - t0
+            for _ in range(args.warmup):
+                block(fn(*fargs))
+            info[i] = (compile_s, memory_mib(fn, *fargs))
+            print(f"  compiled {label:10s} E={e} K={k}: {compile_s:.1f}s (+warmup), {info[i][1]:.0f} MiB",
+                  flush=True)
+        for rep in range(args.repeats):
+            for i, (label, e, fn, fargs, _) in enumerate(fns):
+                t0 = time.perf_counter()
+                block(fn(*fargs))
+                times[i].append(time.perf_counter() - t0)
+        dense_t = np.asarray(times[0])
+        for i, (label, e, fn, fargs, drop) in enumerate(fns):
+            ts = np.asarray(times[i])
+            row = dict(k=k, e=e, dispatcher=label, median_ms=float(np.median(ts) * 1e3),
+                       ratio=float(np.median(ts / dense_t)), gflops=useful / float(np.median(ts)) / 1e9,
+                       mem_mib=info[i][1], drop=drop, times_ms=[float(v * 1e3) for v in ts])
+            rows.append(row)
+            print(f"  {label:10s} E={str(e):>3s} K={k}: {row['median_ms']:9.1f} ms  x{row['ratio']:.2f}  "
+                  f"{row['gflops']:7.1f} GFLOP/s  {row['mem_mib']:7.0f} MiB  drop={drop}", flush=True)
+        del fns
+
+    print()
+    print(markdown(rows, args))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(args=vars(args), machine=machine, jax=jax.__version__, rows=rows), fh, indent=1)
+    return rows
+
+
+def markdown(rows, args) -> str:
+    flops_unit = "TFLOP/s" if any(r["gflops"] > 2000 for r in rows) else "GFLOP/s"
+    scale = 1e-3 if flops_unit == "TFLOP/s" else 1.0
+    lines = [f"| K | E | dispatcher | median ms | × dense | useful {flops_unit} | memory MiB | dropped |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        e = "" if r["e"] is None else str(r["e"])
+        drop = "" if r["drop"] is None else f"{100 * r['drop']:.1f}%"
+        label = {"dense": f"dense FFN (F={r['k']}·{args.hidden})", "matmul": "one matmul, same FLOPs"}.get(
+            r["dispatcher"], r["dispatcher"])
+        lines.append(f"| {r['k']} | {e} | {label} | {r['median_ms']:.1f} | {r['ratio']:.2f} | "
+                     f"{r['gflops'] * scale:.1f} | {r['mem_mib']:.0f} | {drop} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Compare dense and sparse language models: train each (model, seed), then write a table and plots.
+
+    python experiments/compare.py --config configs/compare_quick.py --workdir runs/quick
+    python experiments/compare.py --config configs/compare_headline.py --workdir runs/headline
+
+Every model of a comparison sees the same data order (same seeds). Rerunning the same command skips the runs
+that finished and resumes the one that was interrupted. Writes ``results.md``, ``results.csv`` and PNG plots
+into ``--workdir`` (and into the config's ``results_dir``, if set). Override fields with
+``--config.base.train.steps=100`` or ``--config.seeds=[0,1]``.
+"""
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
+    sys.path.insert(0, _ROOT)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Comparison config (configs/compare_*.py).",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the runs, the table and the plots.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    from moe_jax.compare import run_comparison
+    from moe_jax.train import TrainingDivergedError
+
+    try:
+        out = run_comparison(_CONFIG.value, _WORKDIR.value)
+    except (TrainingDivergedError, PermissionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print()
+    print(out["table"])
+    for path in out["plots"]:
+        print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,39 @@
+"""Train (or resume) a language model from a config file.
+
+    python experiments/train.py --config configs/switch_top1.py:tiny --workdir /tmp/switch_tiny
+    python experiments/train.py --config configs/dense.py --workdir runs/dense --config.train.steps=3000
+
+Rerunning the same command resumes from the latest checkpoint in ``--workdir``. Overrides use the config's
+field names (``--config.model.moe.num_experts=16``); unknown fields are an error.
+"""
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
+    sys.path.insert(0, _ROOT)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:tiny]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard events.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    from moe_jax.train import TrainingDivergedError, train
+
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except (TrainingDivergedError, PermissionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,282 @@
+"""Decoder-only Transformer language model whose blocks use a dense FFN or an MoE layer.
+
+Axes (see ``moe_jax.moe``): ``B`` batch, ``L`` sequence length, ``D`` model width, ``H`` heads,
+``Dh = D / H`` head width, ``F`` FFN width, ``V`` vocabulary.
+
+Architecture (pre-norm, as GPT-2/T5/LLaMA)::
+
+    h_0 = Embed(tokens)                                    # [B, L, D]
+    for block i:  h = h + Attn(RMSNorm(h))                  # causal MHA, rotary positions (Su et al. 2021)
+                  h = h + FFN_i(RMSNorm(h))                 # DenseFFN or MoELayer, per the layout
+    logits = RMSNorm(h) @ W_out  (W_out = Embed^T if tied) # [B, L, V], float32
+
+Layout: block ``i`` (0-based) is an MoE block iff ``moe_every > 0``, ``i >= first_dense`` and
+``(i + 1) % moe_every == 0`` (``moe_every=1``: every block; ``2``: blocks 1, 3, 5, ... as in Switch/GShard).
+
+Precision: parameters are always float32; ``dtype='bfloat16'`` runs the matmuls and the residual
+sub-layers in bfloat16 while the residual stream, the attention softmax, the norms' statistics, the router
+(inside ``MoELayer``) and the logits stay float32.
+
+Non-gradient state: a router may keep variables in the ``'moe_state'`` collection (DeepSeek's balancing
+bias) and update them itself when applied with ``train=True`` and ``mutable=['moe_state']``; the model only
+passes that collection through (``moe_jax.train`` carries it in the train state).
+
+Example::
+
+    cfg = ModelConfig(vocab_size=256, d_model=64, num_layers=2, num_heads=4, d_ff=256, moe_every=2,
+                      moe=MoEConfig(num_experts=4, k=1, router="switch", expert_hidden=128))
+    model = Transformer(cfg)
+    variables = model.init({"params": key}, tokens, train=False)     # tokens: [B, L] int
+    logits, aux = model.apply(variables, tokens, train=True, rngs={"router": key})
+    loss = cross_entropy(logits, targets) + aux["aux_loss"]
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.experts import ACTIVATIONS, DenseFFN
+from moe_jax.moe import MoEConfig, MoELayer
+
+Array = jax.Array
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MOE_STATE = "moe_state"  # variable collection of non-gradient router state
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the Transformer. Build it from ``config.model`` with ``ModelConfig.from_config``.
+
+    Attributes:
+      vocab_size: V (from the tokenizer, not from the config file).
+      d_model, num_layers, num_heads, d_ff: D, number of blocks, H, dense FFN width F.
+      activation, glu: of the dense FFN ('gelu' | 'relu' | 'silu'; glu + silu = SwiGLU).
+      tie_embeddings: the output projection is the transposed input embedding.
+      dtype: compute dtype name, 'float32' or 'bfloat16' (params stay float32).
+      moe_every, first_dense: the layout (module docstring). moe: the MoE layers' config (None if dense).
+      rope_base: rotary base frequency. norm_eps: RMSNorm epsilon.
+    """
+
+    vocab_size: int
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    d_ff: int = 512
+    activation: str = "gelu"
+    glu: bool = False
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+    moe_every: int = 0
+    first_dense: int = 0
+    moe: Optional[MoEConfig] = None
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+
+    @classmethod
+    def from_config(cls, model_cfg, vocab_size: int) -> "ModelConfig":
+        """From the ``config.model`` ConfigDict (or a plain dict) and the tokenizer's vocabulary size."""
+        d = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+        moe = d.pop("moe", None)
+        names = {f.name for f in dataclasses.fields(cls)} - {"vocab_size", "moe"}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"model: unknown field(s) {unknown}; known fields: {sorted(names | {'moe'})}.")
+        moe_cfg = None
+        if d.get("moe_every", 0) and moe is not None:
+            moe_cfg = moe if isinstance(moe, MoEConfig) else MoEConfig.from_dict(moe)
+        return cls(vocab_size=vocab_size, moe=moe_cfg, **d)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    def is_moe_block(self, i: int) -> bool:
+        return self.moe_every > 0 and i >= self.first_dense and (i + 1) % self.moe_every == 0
+
+    @property
+    def moe_blocks(self) -> Tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if self.is_moe_block(i))
+
+    def validate(self) -> "ModelConfig":
+        """Raise ``ValueError`` naming the field (``model.<name>``) and the fix."""
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}.")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}; "
+                             "choose num_heads among the divisors of d_model (head width = d_model / num_heads).")
+        if self.head_dim % 2:
+            raise ValueError(f"model.d_model / model.num_heads = {self.head_dim} is odd, but rotary positions "
+                             "rotate pairs of features: choose d_model and num_heads with an even head width.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation: unknown {self.activation!r}; choose one of {sorted(ACTIVATIONS)}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype: unknown {self.dtype!r}; choose one of {sorted(DTYPES)} "
+                             "(params are float32 either way; this is the compute dtype).")
+        if not isinstance(self.moe_every, int) or self.moe_every < 0:
+            raise ValueError(f"model.moe_every must be an integer >= 0 (0 = all dense), got {self.moe_every!r}.")
+        if not isinstance(self.first_dense, int) or not 0 <= self.first_dense <= self.num_layers:
+            raise ValueError(f"model.first_dense must be between 0 and model.num_layers={self.num_layers}, "
+                             f"got {self.first_dense!r}.")
+        if self.moe_every > 0:
+            if self.moe is None:
+                raise ValueError("model.moe_every > 0 but model.moe is missing: give the MoE layers' config "
+                                 "(fields of moe_jax.moe.MoEConfig) or set model.moe_every=0 for a dense model.")
+            if not self.moe_blocks:
+                raise ValueError(f"model.moe_every={self.moe_every} with model.num_layers={self.num_layers} and "
+                                 f"model.first_dense={self.first_dense} places no MoE block; lower moe_every or "
+                                 "first_dense, or set moe_every=0 for a dense model.")
+            try:
+                self.moe.validate(causal=True)
+            except ValueError as e:
+                raise ValueError(f"model.moe: {e}") from e
+        if not self.rope_base > 0:
+            raise ValueError(f"model.rope_base must be > 0, got {self.rope_base!r}.")
+        return self
+
+
+def rotary(x: Array, base: float = 10000.0) -> Array:
+    """Rotary position embedding (Su et al. 2021, eq. 34) of ``x[B, L, H, Dh]`` at positions ``0..L-1``.
+
+    Feature pairs ``(x_i, x_{i + Dh/2})`` (the "rotate half" layout of GPT-NeoX/LLaMA) are rotated by the
+    angle ``pos * base^(-2i/Dh)``. Computed in float32, returned in ``x.dtype``.
+    """
+    _, l, _, dh = x.shape
+    half = dh // 2
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / dh)  # [Dh/2]
+    angle = jnp.arange(l, dtype=jnp.float32)[:, None] * inv_freq[None, :]  # [L, Dh/2]
+    cos = jnp.cos(angle)[None, :, None, :]  # [1, L, 1, Dh/2]
+    sin = jnp.sin(angle)[None, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _dense_init():
+    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+class CausalSelfAttention(nn.Module):
+    """``x[B, L, D] -> [B, L, D]``: multi-head attention with a causal mask and rotary q/k.
+
+    Params: ``query``, ``key``, ``value`` kernels ``[D, H, Dh]``, ``out`` kernel ``[H, Dh, D]`` (no biases):
+    ``4 * D * D`` in all. Scores and softmax in float32.
+    """
+
+    num_heads: int
+    rope_base: float = 10000.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, l, d = x.shape
+        h = self.num_heads
+        dh = d // h
+        proj = lambda name: nn.DenseGeneral((h, dh), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                                            kernel_init=_dense_init(), name=name)
+        q = rotary(proj("query")(x), self.rope_base)  # [B, L, H, Dh]
+        k = rotary(proj("key")(x), self.rope_base)  # [B, L, H, Dh]
+        v = proj("value")(x)  # [B, L, H, Dh]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(dh)
+        causal = jnp.tril(jnp.ones((l, l), bool))  # [L(q), L(k)]
+        scores = jnp.where(causal[None, None], scores, jnp.finfo(jnp.float32).min)  # [B, H, L, L]
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, L, H, Dh]
+        return nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                               kernel_init=_dense_init(), name="out")(out)  # [B, L, D]
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``h + Attn(norm(h))``, then ``h + FFN(norm(h))`` with a dense or MoE FFN.
+
+    ``__call__(h[B, L, D], token_ids[B, L], train) -> (h[B, L, D], MoEStats or None)``.
+    """
+
+    config: ModelConfig
+    use_moe: bool
+
+    @nn.compact
+    def __call__(self, h: Array, token_ids: Array, train: bool):
+        cfg = self.config
+        dtype = cfg.compute_dtype
+        norm = lambda name: nn.RMSNorm(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32, name=name)
+        h = h + CausalSelfAttention(cfg.num_heads, cfg.rope_base, dtype, name="attn")(
+            norm("attn_norm")(h)).astype(jnp.float32)
+        x = norm("ffn_norm")(h)
+        if self.use_moe:
+            y, stats = MoELayer(cfg.moe, causal=True, dtype=dtype, name="moe")(x, train=train, token_ids=token_ids)
+        else:
+            y, stats = DenseFFN(cfg.d_ff, cfg.activation, cfg.glu, dtype=dtype, name="ffn")(x), None
+        return h + y.astype(jnp.float32), stats
+
+
+class Transformer(nn.Module):
+    """``tokens[B, L] int -> (logits[B, L, V] float32, aux)``.
+
+    ``aux``: ``aux_loss`` (scalar float32: sum of the MoE layers' weighted aux losses; 0 for a dense model),
+    ``losses`` and ``metrics`` (dicts of the MoE layers' unweighted losses and metrics stacked on a leading
+    ``[num_moe_layers]`` axis, e.g. ``metrics['expert_load']: [n, E]``; empty for a dense model) and
+    ``moe_blocks`` is ``config.moe_blocks`` (static; not in the pytree).
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config.validate()
+        self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.float32, param_dtype=jnp.float32,
+                              embedding_init=nn.initializers.normal(stddev=0.02))
+        self.blocks = [Block(cfg, cfg.is_moe_block(i), name=f"block_{i}") for i in range(cfg.num_layers)]
+        self.final_norm = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=jnp.float32)
+        if not cfg.tie_embeddings:
+            self.unembed = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                                    param_dtype=jnp.float32, kernel_init=nn.initializers.normal(stddev=0.02))
+
+    def __call__(self, tokens: Array, *, train: bool = False) -> Tuple[Array, Dict[str, Any]]:
+        if tokens.ndim != 2:
+            raise ValueError(f"Transformer expects tokens of shape [B, L], got {tokens.shape}.")
+        cfg = self.config
+        h = self.embed(tokens)  # [B, L, D] float32
+        all_stats = []
+        for block in self.blocks:
+            h, stats = block(h, tokens, train)
+            if stats is not None:
+                all_stats.append(stats)
+        h = self.final_norm(h)  # [B, L, D]
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("bld,vd->blv", h.astype(cfg.compute_dtype),
+                                self.embed.embedding.astype(cfg.compute_dtype))
+        else:
+            logits = self.unembed(h.astype(cfg.compute_dtype))
+        logits = logits.astype(jnp.float32)  # [B, L, V]
+        return logits, stack_moe_stats(all_stats)
+
+
+def stack_moe_stats(all_stats) -> Dict[str, Any]:
+    """Sum the layers' aux losses and stack their losses/metrics on a leading ``[num_moe_layers]`` axis."""
+    if not all_stats:
+        return {"aux_loss": jnp.zeros((), jnp.float32), "losses": {}, "metrics": {}}
+    stack = lambda *xs: jnp.stack([jnp.asarray(x, jnp.float32) for x in xs])
+    return {
+        "aux_loss": sum(s.aux_loss for s in all_stats).astype(jnp.float32),
+        "losses": jax.tree.map(stack, *[s.losses for s in all_stats]),
+        "metrics": jax.tree.map(stack, *[s.metrics for s in all_stats]),
+    }
+
+
+def init_variables(model: Transformer, rng: Array, seq_len: int, batch_size: int = 1) -> Dict[str, Any]:
+    """``{'params': ..., ['moe_state': ...]}`` of a freshly initialised model (other collections dropped)."""
+    params_rng, router_rng = jax.random.split(rng)
+    tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
+    variables = model.init({"params": params_rng, "router": router_rng}, tokens, train=False)
+    return {k: v for k, v in variables.items() if k in ("params", MOE_STATE)}
