@@ -26,11 +26,18 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    from moe_jax.train import TrainingDivergedError, train
+    from moe_jax import parallel
+    from moe_jax.data import DataConfigError
+    from moe_jax.train import TrainingDivergedError, train, validate_config
 
-    try:
+    # Multi-host (config.mesh.distributed): before anything touches the JAX backend, validation included.
+    parallel.initialize_distributed(bool((_CONFIG.value.get("mesh") or {}).get("distributed", False)))
+    try:  # expected failures get a one-line message naming the field; anything else keeps its traceback
+        validate_config(_CONFIG.value)
         train(_CONFIG.value, _WORKDIR.value)
-    except (TrainingDivergedError, PermissionError, ValueError) as e:
+    except (TrainingDivergedError, PermissionError, DataConfigError, ValueError) as e:
+        if isinstance(e, ValueError) and not str(e).startswith(("config.", "model.", "moe.", "data.")):
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -272,6 +272,20 @@ def plot(workdir: str, names: List[str], seeds: List[int]) -> List[str]:
     return paths
 
 
+def resolve_init_ref(run_cfg, name: str, names: List[str], workdir: str, seed: int) -> None:
+    """``init.from_dir='@other'`` -> ``workdir/other/seed<seed>``: start from another run of this comparison (same
+    seed; it must come earlier in ``order``, so it is trained first). Used by the upcycling study."""
+    init = run_cfg.get("init")
+    ref = init.get("from_dir", "") if init is not None else ""
+    if not (isinstance(ref, str) and ref.startswith("@")):
+        return
+    source = ref[1:]
+    if source not in names[: names.index(name)]:
+        raise ValueError(f"compare config: models.{name}.init.from_dir={ref!r} must name a model listed before "
+                         f"{name!r} in order (got order {names}); put {source!r} first.")
+    run_cfg.init.from_dir = os.path.join(workdir, source, f"seed{seed}")
+
+
 def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print) -> Dict[str, Any]:
     """Train every (model, seed) that has no ``summary.json`` yet, then write the table and plots."""
     if train_fn is None:
@@ -289,6 +303,7 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print) -> Dict[str,
                 continue
             run_cfg = copy.deepcopy(cfg)
             run_cfg.seed = int(seed)
+            resolve_init_ref(run_cfg, name, names, workdir, seed)
             log(f"[compare] training {name} seed {seed} -> {run_dir}")
             train_fn(run_cfg, run_dir)
     rows = summarize(workdir, names, seeds)

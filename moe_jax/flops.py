@@ -7,7 +7,9 @@ Conventions (``count_model``):
   parameter.
 * **active_params** (per token): ``total_params - sum_moe_layers (E - K) / E * routed_expert_params``, i.e.
   a token uses K of the E routed experts of each MoE layer; routers and shared experts are always active.
-  For expert choice, K is the average number of experts per token (the capacity factor ``c``).
+  For expert choice, K is the average number of experts per token (the capacity factor ``c``); for Soft
+  MoE it is ``E * num_slots / S`` (every expert runs ``num_slots`` slots per group of S tokens; with a
+  small S this counts repeated evaluations and can exceed ``total_params``).
 * **matmul_params** (per token): the active weights that take part in a matrix multiply: attention
   ``4 D^2`` per block, dense FFN ``(2 or 3) D F``, router gate(s), ``K`` routed experts, shared experts,
   and the output projection ``V D`` (the transposed embedding when tied). Not counted: the input embedding
@@ -19,9 +21,9 @@ Conventions (``count_model``):
   the masked half too). Softmax, norms, activations, top-k and the optimizer are not counted.
 * The count is **dispatch-free**: it counts the useful token-expert work only, not the empty capacity slots
   nor the one-hot dispatch/combine einsums. The latter are reported on their own as
-  ``dispatch_flops_per_token`` (``dispatcher='einsum'`` only, else 0): two einsums of ``2 * E * C * D``
-  FLOPs per token forward (``[G,S,E,C] x [G,S,D]``; ``E * C ~ cf * K * S``), times 3 for training, per MoE
-  layer; they grow with the group size S.
+  ``dispatch_flops_per_token`` (``dispatcher='einsum'`` and Soft MoE, else 0): two einsums of
+  ``2 * E * C * D`` FLOPs per token forward (``[G,S,E,C] x [G,S,D]``; ``E * C ~ cf * K * S``; Soft MoE:
+  ``C = num_slots``), times 3 for training, per MoE layer; they grow with the group size S.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from moe_jax import routing
 from moe_jax.capacity import compute_capacity
 from moe_jax.model import ModelConfig
 from moe_jax.moe import MoELayer
@@ -97,15 +100,22 @@ def count_model(cfg: ModelConfig, seq_len: int) -> ModelCounts:
         m = cfg.moe
         per_expert = mult(m.glu) * d * m.expert_hidden
         routed = n_moe * m.num_experts * per_expert
-        # K of E experts per token; the exact fraction K/E times the routed params, in integers.
-        routed_active = n_moe * m.k * per_expert
+        s = m.group_size or seq_len
+        soft = routing.get_router_class(m.router).kind == "soft"
+        # Expert evaluations per token: K (token choice; expert choice: the capacity factor c), or for Soft
+        # MoE E * num_slots slots shared by the S tokens of a group.
+        evals = m.num_experts * m.num_slots / s if soft else m.k
+        routed_active = int(round(n_moe * evals * per_expert))
         moe_other = n_moe * _moe_nonrouted_params(cfg, seq_len)
         shared = n_moe * (mult(m.glu) * d * m.num_shared_experts * (m.shared_expert_hidden or m.expert_hidden))
         router = moe_other - shared
-        if m.resolved_dispatcher() == "einsum":
-            s = m.group_size or seq_len
+        if soft:
+            c = m.num_slots
+        elif m.resolved_dispatcher() == "einsum":
             c = compute_capacity(s, m.num_experts, m.k, m.capacity_factor, m.capacity_multiple, m.min_capacity)
-            dispatch = n_moe * 3 * 2 * (2 * m.num_experts * c * d)
+        else:
+            c = 0
+        dispatch = n_moe * 3 * 2 * (2 * m.num_experts * c * d)
     unembed = 0 if cfg.tie_embeddings else v * d
     total = embedding + norms + attention + n_dense * dense_ffn + routed + moe_other + unembed
     active = total - routed + routed_active

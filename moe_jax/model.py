@@ -226,8 +226,8 @@ class Transformer(nn.Module):
 
     ``aux``: ``aux_loss`` (scalar float32: sum of the MoE layers' weighted aux losses; 0 for a dense model),
     ``losses`` and ``metrics`` (dicts of the MoE layers' unweighted losses and metrics stacked on a leading
-    ``[num_moe_layers]`` axis, e.g. ``metrics['expert_load']: [n, E]``; empty for a dense model) and
-    ``moe_blocks`` is ``config.moe_blocks`` (static; not in the pytree).
+    ``[num_moe_layers]`` axis, e.g. ``metrics['expert_load']: [n, E]``; empty for a dense model). Layer
+    ``j`` of those stacks is block ``config.moe_blocks[j]``.
     """
 
     config: ModelConfig

@@ -236,7 +236,7 @@ def routing_stats(cfg: MoEConfig, decision: routing.RoutingDecision, kept: Array
         per_expert = jnp.sum(jax.nn.one_hot(decision.expert_index, e) * assigned[..., None], axis=(0, 1, 2))
         n_assigned = jnp.maximum(jnp.sum(assigned), 1.0)
         n_kept = jnp.sum(kept.astype(jnp.float32) * m[..., None])
-        drop_fraction = 1.0 - n_kept / n_assigned
+        drop_fraction = (jnp.sum(assigned) - n_kept) / n_assigned  # 0 (not 1) when nothing was assigned
         experts_per_token = n_kept / n_tokens
         n_per_token = jnp.sum(kept.astype(jnp.int32), axis=-1)  # [G, S] kept experts of each token
         hist = jnp.sum(jax.nn.one_hot(n_per_token, kept.shape[-1] + 1) * m[..., None], axis=(0, 1))  # [K+1]
@@ -254,7 +254,7 @@ def routing_stats(cfg: MoEConfig, decision: routing.RoutingDecision, kept: Array
         g = mask.shape[0]
         taken = jnp.zeros(mask.shape, jnp.float32).at[
             jnp.arange(g)[:, None, None], decision.token_index].max(kept.astype(jnp.float32))
-        drop_fraction = 1.0 - jnp.sum(taken * m) / n_tokens
+        drop_fraction = (jnp.sum(m) - jnp.sum(taken * m)) / n_tokens  # 0 (not 1) for an all-padding batch
         experts_per_token = jnp.sum(kept.astype(jnp.float32)) / n_tokens
     terms.update(decision.aux_losses)
     load = per_expert / n_assigned  # [E]
@@ -275,7 +275,11 @@ def routing_stats(cfg: MoEConfig, decision: routing.RoutingDecision, kept: Array
     }
     metrics.update(extra_metrics)
     coefs = _loss_coefs(cfg)
-    aux = sum(coefs.get(name, 0.0) * value for name, value in terms.items())
+    unknown = sorted(set(terms) - set(coefs))
+    if unknown:
+        raise ValueError(f"router {cfg.router!r} returned aux loss(es) {unknown} with no weight in moe._loss_coefs; "
+                         "add a coefficient field to MoEConfig and an entry in _loss_coefs.")
+    aux = sum(coefs[name] * value for name, value in terms.items())
     return MoEStats(aux_loss=jnp.asarray(aux, jnp.float32), losses=terms, metrics=metrics)
 
 
@@ -307,6 +311,12 @@ class MoELayer(nn.Module):
             raise ValueError(f"moe.group_size={s} does not divide the B*L={b}*{l}={t} tokens of the batch; choose "
                              "a group size that divides B*L (e.g. the sequence length, or None).")
         g = t // s
+        if self.causal and not cfg.allow_non_causal and l % s:
+            raise ValueError(
+                f"moe.group_size={s} does not divide the sequence length L={l}: groups would span sequences, and in a "
+                "causal model a sequence's later tokens could then take expert slots before another sequence's "
+                "earlier ones (a leak across the batch). Choose a group size that divides L (or None = L), or set "
+                "moe.allow_non_causal=True.")
         if mask is None:
             mask = jnp.ones((b, l), bool)
         elif mask.shape != (b, l):
@@ -318,7 +328,10 @@ class MoELayer(nn.Module):
         if dispatcher == "dropless":
             capacity = None
         else:
-            cf = cfg.capacity_factor if train else cfg.eval_capacity_factor
+            # Expert choice keeps its training capacity at eval: for it C is not a drop limit but the number of
+            # tokens each expert computes, and changing it changes the function.
+            keep_train_cf = train or routing.get_router_class(cfg.router).kind == "expert_choice"
+            cf = cfg.capacity_factor if keep_train_cf else cfg.eval_capacity_factor
             capacity = compute_capacity(s, cfg.num_experts, cfg.k, cf, cfg.capacity_multiple, cfg.min_capacity)
         router = routing.get_router_class(cfg.router)(cfg, name="router")
         decision = router(xg, mg, capacity=capacity, train=train, token_ids=tg)

@@ -63,12 +63,11 @@ parallelism (``pmean`` of gradients over the pmap axis), no expert sharding.
 
 Multi-host: ``initialize_distributed`` calls ``jax.distributed.initialize()`` (coordinator, process count and
 id from the environment or the cluster's own variables, see docs/parallel.md) when ``config.mesh.distributed``
-is set; every process then builds the same global mesh and feeds its own slice of the batch
-(``shard_batch`` uses ``jax.make_array_from_process_local_data``).
+is set; every process then builds the same global mesh, reads the same global batch and places the rows
+its devices own (``shard_batch``; or only its own rows with ``process_local=True``).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
@@ -421,16 +420,17 @@ def restore_target(abstract_tree: Any, mesh: Optional[Mesh] = None) -> Any:
 
 
 def jit_train_step(step_fn: Callable, mesh: Mesh, state_shardings: Any, *, donate: bool = True,
-                   static_argnames: Sequence[str] = ()) -> Callable:
+                   static_argnames: Sequence[str] = (), **jit_kwargs) -> Callable:
     """``jax.jit`` of ``step_fn(state, batch, rng) -> (state, metrics)`` with the mesh's shardings.
 
     State in and out: ``state_shardings`` (``tree_shardings(state, mesh)``); batch: split over
     ``data x expert``; rng and metrics: replicated. The call runs inside ``use_mesh(mesh)`` so that MoE
-    layers take the expert-parallel path. The state must already be placed (``shard_tree``).
+    layers take the expert-parallel path. The state must already be placed (``shard_tree``). ``jit_kwargs``
+    go to ``jax.jit`` (e.g. ``compiler_options``).
     """
     jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,) if donate else (),
-                     static_argnames=tuple(static_argnames))
+                     static_argnames=tuple(static_argnames), **jit_kwargs)
 
     def step(state, batch, rng, **kwargs):
         with use_mesh(mesh):

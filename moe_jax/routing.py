@@ -255,6 +255,10 @@ class NoisyTopKRouter(Router):
         if config.k < 2:
             raise ValueError("MoEConfig.k=1 with router='noisy_top_k': its gates are a softmax over the K kept "
                              "logits, so K=1 gives weight 1 and no router gradient. Set k>=2.")
+        if config.renormalize_top_k is False:
+            raise ValueError("MoEConfig.renormalize_top_k=False with router='noisy_top_k': Shazeer et al.'s gates are "
+                             "always a softmax over the K kept logits. Leave renormalize_top_k unset (None), or use "
+                             "router='top_k' for unnormalized top-k gates.")
 
     @nn.compact
     def __call__(self, x, mask=None, *, capacity=None, train=False, token_ids=None) -> RoutingDecision:

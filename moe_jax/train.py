@@ -77,7 +77,8 @@ def validate_config(config, vocab_size: Optional[int] = None) -> ModelConfig:
     for section in ("data", "model", "train"):
         _require(section in config, section, f"missing section; start from configs/base.py.")
     data, tr = config.data, config.train
-    _require(isinstance(config.get("seed", 0), int), "seed", "must be an integer.")
+    _require(isinstance(config.get("seed", 0), int) and config.get("seed", 0) >= 0, "seed",
+             f"must be an integer >= 0, got {config.get('seed')!r}.")
     _require(data.tokenizer in ("bytes", "bpe"), "data.tokenizer",
              f"unknown {data.tokenizer!r}; choose 'bytes' or 'bpe'.")
     if data.tokenizer == "bpe":
@@ -100,6 +101,9 @@ def validate_config(config, vocab_size: Optional[int] = None) -> ModelConfig:
              f"must be >= 0 (0 = only at the end), got {tr.ckpt_every!r}.")
     _require(int(tr.keep_ckpts) >= 1, "train.keep_ckpts", f"must be >= 1, got {tr.keep_ckpts!r}.")
     _require(int(tr.sample_tokens) >= 0, "train.sample_tokens", f"must be >= 0, got {tr.sample_tokens!r}.")
+    if (config.get("init") or {}).get("from_dir"):  # dense -> MoE conversion (moe_jax/upcycle.py)
+        from moe_jax.upcycle import ConvertOptions
+        ConvertOptions.from_config(config.init)
     model_cfg = ModelConfig.from_config(config.model, vocab_size or config_vocab_size(config)).validate()
     if model_cfg.moe is not None and model_cfg.moe.group_size:
         s, t = model_cfg.moe.group_size, int(data.batch_size) * int(data.seq_len)
@@ -165,6 +169,23 @@ def create_state(model: Transformer, tx: optax.GradientTransformation, rng: Arra
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       moe_state=variables.get(MOE_STATE, {}))
+
+
+def initial_state(config, model: Transformer, tx: optax.GradientTransformation, rng: Array, batches=None):
+    """``(TrainState, upcycle.Initial)`` converted from the run named by ``config.init.from_dir``
+    (``moe_jax.upcycle``: upcycling, splitting, or a plain copy), with a fresh optimizer state.
+    ``batches(n)``: n training batches for the neuron importances. ``None`` if no ``init.from_dir`` is set."""
+    from moe_jax import upcycle
+
+    init_cfg = config.get("init")
+    if not init_cfg or not init_cfg.get("from_dir"):
+        return None
+    fresh = jax.jit(lambda key: init_variables(model, key, int(config.data.seq_len)))(rng)
+    initial = upcycle.initial_from_source(init_cfg, model.config, fresh, batches)
+    params = jax.tree.map(jnp.asarray, initial.variables["params"])
+    state = TrainState(step=jnp.asarray(initial.step, jnp.int32), params=params, opt_state=tx.init(params),
+                       moe_state=jax.tree.map(jnp.asarray, initial.variables.get(MOE_STATE, {})))
+    return state, initial
 
 
 # ---------------------------------------------------------------------------------------------- steps
@@ -513,12 +534,34 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     mngr = _checkpoint_manager(workdir, int(tr.keep_ckpts))
     restored = restore_latest(mngr, runner.abstract_state(init_rng))
     batches = data_lib.BatchIterator(token_data.train, batch_size, seq_len, seed)
+    initial = None
+    flops0 = 0.0  # training FLOPs before `start` (a converted run: those of its source run)
     if restored is None:
-        state, resumed_from, elapsed0 = init_fn(init_rng), None, 0.0
+        resumed_from, elapsed0, t_init = None, 0.0, time.time()
+        importance_data = lambda n: [data_lib.BatchIterator(token_data.train, batch_size, seq_len, seed + 1).batch_at(i)
+                                     for i in range(n)]
+        converted = initial_state(config, model, tx, init_rng, importance_data)  # config.init.from_dir
+        if converted is None:
+            state = init_fn(init_rng)
+        else:
+            state, initial = converted
+            state = runner.place(jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), state,
+                                              runner.abstract_state(init_rng)))
+            if initial.data_state:
+                try:
+                    batches.restore(initial.data_state)
+                except ValueError as e:
+                    raise ValueError(f"config.init.from_dir: {e} Or set init.restart_step=True.") from None
+            elapsed0, flops0 = initial.meta["elapsed_s"] + time.time() - t_init, initial.meta["flops"]
+            from moe_jax.upcycle import write_report
+            write_report(workdir, initial)
+            _log(f"initialised from {initial.report['from_dir']} step {initial.report['source_step']} "
+                 f"({initial.report['method']}) at step {initial.step}")
     else:
         state, data_state, old, meta = restored
         state = runner.place(state)
         elapsed0 = float(meta.get("elapsed_s", 0.0))
+        flops0 = float(meta["flops"]) if "flops" in meta else None
         batches.restore(data_state)
         resumed_from = int(jax.device_get(host(state).step))
         changed = _diff(old.get("config", {}), resolved["config"])
@@ -532,8 +575,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     last_ckpt = max(mngr.all_steps(), default=None)
     t_run = time.time()
     # x-axes of the comparison plots: wall time of this run (plus that of the runs it resumes) and FLOPs.
+    if flops0 is None:  # a checkpoint without a clock: count every step with this model
+        flops0 = float(start) * tokens_per_step * counts.train_flops_per_token
     clock = lambda step: {"elapsed_s": elapsed0 + time.time() - t_run,
-                          "flops": float(step) * tokens_per_step * counts.train_flops_per_token}
+                          "flops": flops0 + float(step - start) * tokens_per_step * counts.train_flops_per_token}
 
     def evaluate(state) -> Dict[str, float]:
         ces = [eval_step(state, b)["ce"] for b in val_batches]
@@ -545,6 +590,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     last_val: Dict[str, float] = {}
     last_val_step = None
     throughput: List[float] = []
+    if initial is not None and start < steps:  # a converted model, before its first update
+        init_val = evaluate(state)
+        writer.write({"step": start, "split": "val", **init_val, **clock(start)})
+        _log(f"step {start} (converted): val loss {init_val['loss']:.4f} ppl {init_val['ppl']:.2f}")
     t_window, n_window = time.time(), 0
     bar = tqdm(total=steps, initial=start, disable=None, dynamic_ncols=True, desc="train")
     try:
@@ -610,7 +659,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
         "train_flops_per_token": counts.train_flops_per_token, "flops_per_token": counts.train_flops_per_token,
         "wall_s": time.time() - t_start, "sample": sample,
     }
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
+    summary_path = os.path.join(workdir, "summary.json")
+    if os.path.exists(summary_path):  # a rerun of a finished run trains nothing: keep what the run measured
+        with open(summary_path) as f:
+            previous = json.load(f)
+        result.update({k: v for k, v in previous.items() if result.get(k) is None and k != "resumed_from"})
+    with open(summary_path, "w") as f:
         json.dump(result, f, indent=2)
     _log(f"done: step {result['step']}, val loss {result['val_loss']:.4f}, "
          f"tokens/s {result['tokens_per_s'] or float('nan'):.0f}, wall {result['wall_s']:.1f}s")

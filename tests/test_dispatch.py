@@ -40,8 +40,9 @@ def _decision_arrays(case: Case, seed: int):
         valid = rng.random((G, E, c)) > 0.2
         w = rng.uniform(0.1, 1.0, (G, E, c)).astype(np.float32)
         return dict(token_index=token.astype(np.int32), valid=valid, priority=None), w
-    # skewed token choice: expert 0 is popular, so it overflows at C=2 (S=6 tokens per group)
-    p = np.array([0.55, 0.25, 0.1, 0.1])
+    # skewed token choice: the last expert is popular, so it overflows at C=2 (S=6 tokens per group) and the
+    # last row of the [E, G*C] buffer is taken (a dropped assignment wrongly sent there would collide)
+    p = np.array([0.25, 0.1, 0.1, 0.55])
     idx = np.stack([np.stack([rng.choice(E, size=case.k, replace=False, p=p) for _ in range(S)])
                     for _ in range(G)])  # [G, S, K]
     valid = np.ones((G, S, case.k), bool)
@@ -161,6 +162,8 @@ def test_capacity_dispatchers_match_loop_reference(case):
         assert taken.any() and not taken.all() and not valid.all(), "case has no dropped token"
     else:
         assert ref_kept.any() and (valid & ~ref_kept).any(), "case has no capacity drops"
+        last = ref_kept[G - 1] & (arrays["expert_index"][G - 1] == E - 1)
+        assert last.sum() == case.capacity, "the last buffer row should be in use"
     outs = _loss_fn(case, arrays, [_dispatcher_runner(case, name) for name in ["einsum", "scatter"]])(x, params, w0)
     for out in outs:
         _assert_same(case, ref, out)
@@ -260,3 +263,8 @@ def test_dropless_block_bound():
     assert len(set(rows.tolist())) == rows.size
     experts = arrays["expert_index"].reshape(-1)
     np.testing.assert_array_equal(rows // 8, experts)
+    # b = 4: counts [4, 4, 2, 2] pad to exactly one block each (a run that fills its block gets no extra one)
+    plan4 = jax.jit(dispatch.make_dropless_plan, static_argnums=1)(_decision(case, arrays, jnp.asarray(w)), 4)
+    assert plan4.num_blocks == -(-(12 + 4 * 3) // 4)  # 6
+    np.testing.assert_array_equal(plan4.block_expert[:4], [0, 1, 2, 3])
+    np.testing.assert_array_equal(np.asarray(plan4.row_of_assignment).reshape(-1) // 4, experts)

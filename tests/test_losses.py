@@ -4,11 +4,19 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-from moe_jax import losses
+from moe_jax import losses as _losses
 
 E = 4
+
+
+class losses:  # noqa: N801  -- the functions under test, jitted (eager op-by-op compiles cost more)
+    load_balancing_loss = staticmethod(jax.jit(_losses.load_balancing_loss))
+    router_z_loss = staticmethod(jax.jit(_losses.router_z_loss))
+    cv_squared = staticmethod(jax.jit(_losses.cv_squared))
+    importance_loss = staticmethod(jax.jit(_losses.importance_loss))
+    smooth_load = staticmethod(jax.jit(_losses.smooth_load, static_argnums=3))
+    load_loss = staticmethod(_losses.load_loss)
 
 
 def _peaked_probs(experts, p_top):

@@ -201,3 +201,20 @@ def test_counts_mixtral_like_by_hand():
     variables = jax.eval_shape(lambda: init_variables(Transformer(cfg), jax.random.key(0), L))
     assert _n_params(variables["params"]) == c.total_params
     assert "active" in c.summary() and "einsum dispatch" in c.summary()
+
+
+@pytest.mark.parametrize("router, extra, router_params", [
+    ("hash", {}, 0),  # a fixed token -> expert table: no parameters
+    ("noisy_top_k", {"k": 2, "slot_order": "token_major"}, 2 * 32 * 4),  # gate + noise matrices
+    ("deepseek", {"k": 2, "slot_order": "token_major"}, 32 * 4),  # its bias is 'moe_state', not a param
+    ("soft_moe", {"group_size": 1, "num_slots": 2, "allow_non_causal": True}, 32 * 4 * 2 + 1),  # Phi + scale
+])
+def test_counts_other_routers_match_init(router, extra, router_params):
+    moe = MoEConfig(num_experts=4, router=router, expert_hidden=32, **extra)
+    cfg = ModelConfig(vocab_size=V, d_model=32, num_layers=2, num_heads=4, d_ff=64, moe_every=2, moe=moe)
+    c = count_model(cfg, seq_len=L)
+    variables = jax.eval_shape(lambda: init_variables(Transformer(cfg), jax.random.key(0), L))
+    assert _n_params(variables["params"]) == c.total_params and c.router_params == router_params
+    experts_per_token = 4 * 2 / 1 if router == "soft_moe" else moe.k  # soft: E * slots / S with S = 1
+    assert c.active_params == c.total_params - c.routed_expert_params + round(
+        experts_per_token * c.routed_expert_params / 4)

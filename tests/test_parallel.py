@@ -38,6 +38,9 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, L, V, D = 8, 8, 32, 16  # batch, length, vocab, width: one shape for every model-level test
+# Compile-time saver for these tiny programs (about half the CPU time of XLA's default optimisation level);
+# every comparison is between programs compiled the same way.
+FAST = dict(compiler_options={"xla_backend_optimization_level": 0})
 TRAIN_CFG = ml_collections.ConfigDict(dict(learning_rate=1e-2, steps=10, warmup_steps=0, end_lr_ratio=0.1,
                                            weight_decay=0.1, grad_clip=1.0, adam_b1=0.9, adam_b2=0.95))
 
@@ -89,10 +92,10 @@ def reference(dispatcher):
         model = tiny_model(dispatcher)
         tx, schedule = make_tx()
         fn = make_train_step(model, tx, schedule)
-        state = jax.jit(lambda key: create_state(model, tx, key, L))(jax.random.key(0))
+        state = jax.jit(lambda key: create_state(model, tx, key, L), **FAST)(jax.random.key(0))
         batch = np.asarray(jax.random.randint(jax.random.key(1), (B, L + 1), 0, V), np.int32)
         rng = jax.random.key(2)
-        new_state, out = jax.jit(fn)(state, batch, rng)
+        new_state, out = jax.jit(fn, **FAST)(state, batch, rng)
         _REFERENCE[dispatcher] = (model, tx, fn, state, batch, rng, jax.device_get((new_state, out)))
     return _REFERENCE[dispatcher]
 
@@ -110,7 +113,7 @@ def test_sharded_train_step_equals_one_device(dispatcher, shape, monkeypatch):
 
     mesh = mesh_of(*shape)
     shardings = parallel.tree_shardings(state, mesh)
-    step = parallel.jit_train_step(fn, mesh, shardings, donate=False)
+    step = parallel.jit_train_step(fn, mesh, shardings, donate=False, **FAST)
     new_state, out = step(parallel.shard_tree(state, shardings), batch, rng)
 
     assert calls and calls[0].shape[parallel.EXPERT] == shape[1], "the MoE layer did not take the sharded path"
@@ -164,7 +167,7 @@ def test_moe_layer_variants_equal_one_device(name):
         (_, (y, stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(variables, x)
         return y, stats, grads
 
-    f = jax.jit(run)
+    f = jax.jit(run, **FAST)
     ref = jax.device_get(f(variables, x))
     with parallel.use_mesh(mesh_of(*shape)):
         got = jax.device_get(f(variables, x))
@@ -185,7 +188,7 @@ def test_checkpoint_restores_on_another_mesh_and_on_one_device(tmp_path):
     forward = lambda params: model.apply({"params": params}, batch[:, :-1], train=False)[0]
     mesh_a = mesh_of(2, 4)
     state_a = parallel.shard_tree(state, parallel.tree_shardings(state, mesh_a))
-    logits_a = parallel.jit_under_mesh(forward, mesh_a)(state_a.params)
+    logits_a = parallel.jit_under_mesh(forward, mesh_a, **FAST)(state_a.params)
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.join(tmp_path, "ckpt"), state_a)
     ckpt.wait_until_finished()
@@ -197,10 +200,10 @@ def test_checkpoint_restores_on_another_mesh_and_on_one_device(tmp_path):
         assert wi.shape == (8, D, 16)  # stored stacked on the global E axis
         if mesh is None:
             assert len(wi.sharding.device_set) == 1
-            logits = jax.jit(forward)(restored.params)
+            logits = jax.jit(forward, **FAST)(restored.params)
         else:
             assert wi.sharding.spec == P("expert", None, "model") and wi.sharding.mesh.shape == mesh.shape
-            logits = parallel.jit_under_mesh(forward, mesh)(restored.params)
+            logits = parallel.jit_under_mesh(forward, mesh, **FAST)(restored.params)
         assert_tree_close(jax.device_get(restored), jax.device_get(state), rtol=0, rel_atol=0, what="restored")
         np.testing.assert_allclose(np.asarray(logits), np.asarray(logits_a), rtol=1e-5, atol=1e-6)
 
@@ -223,7 +226,7 @@ def test_pmap_runner_equals_mean_of_per_device_gradients():
                                   rngs={"router": jax.random.fold_in(rng, state.step)})
         return cross_entropy(logits, seq[:, 1:]) + aux["aux_loss"], cross_entropy(logits, seq[:, 1:])
 
-    vg = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    vg = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), **FAST)
     per_device = [vg(state.params, batch[i:i + 1]) for i in range(B)]
     grads = jax.tree.map(lambda *g: sum(g) / B, *[g for _, g in per_device])
     updates, _ = tx.update(grads, state.opt_state, state.params)
@@ -287,6 +290,9 @@ def test_param_rules_cover_params_and_optimizer_state():
 # ------------------------------------------------------------------------------------------- multi-host
 
 
+FAST_FLAG = "--xla_backend_optimization_level=0"  # as FAST, for the subprocesses
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -298,7 +304,8 @@ def _train_cmd(workdir, *extra):
             os.path.join(ROOT, "configs", "switch_ep.py:tiny"), "--workdir", str(workdir),
             "--config.train.steps=3", "--config.train.warmup_steps=1", "--config.train.log_every=1",
             "--config.train.eval_every=0", "--config.train.eval_batches=1", "--config.train.ckpt_every=0",
-            "--config.train.sample_tokens=0", "--config.data.seq_len=32", *extra]
+            "--config.train.sample_tokens=0", "--config.data.seq_len=32", "--config.model.num_layers=1",
+            "--config.model.moe_every=1", *extra]
 
 
 def _losses(workdir):
@@ -317,12 +324,12 @@ def test_two_processes_train_like_one_device(tmp_path):
     base_env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     procs = []
     for pid in range(2):
-        env = dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        env = dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=4 " + FAST_FLAG,
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
         procs.append(subprocess.Popen(_train_cmd(tmp_path / "multi", "--config.mesh.distributed=True",
                                                  "--config.mesh.data=1", "--config.mesh.expert=8"),
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    env = dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=1 " + FAST_FLAG)
     procs.append(subprocess.Popen(_train_cmd(tmp_path / "one", "--config.mesh.data=1", "--config.mesh.expert=1"),
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []

@@ -3,6 +3,7 @@ NaN stop, workdir errors. Subprocess runs of experiments/train.py are few and ti
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,28 +129,45 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
 # ------------------------------------------------------------------------------------------- learning
 
 
-def test_loss_decreases_on_repeated_text():
-    """The jitted train step on one repeated sentence: the cross-entropy falls from ~ln(256) well below 2."""
+def test_loss_decreases_on_repeated_text_and_moe_state_is_carried():
+    """The jitted train step on one repeated sentence with a DeepSeek-routed MoE (its balancing bias lives in
+    'moe_state'): the cross-entropy falls from ~ln(256) below 1, and the bias moves and is carried between
+    steps in the train state."""
     c = switch_top1.get_config("tiny")
     c.train.update(dict(steps=40, warmup_steps=5, learning_rate=1e-2))
+    c.model.moe.update(dict(router="deepseek", k=2, slot_order="token_major", bias_update_rate=1e-2,
+                            lb_loss_coef=0.0))
     cfg = train_lib.validate_config(c)
     model = Transformer(cfg)
     tx, schedule = train_lib.make_optimizer(c.train)
     state = jax.jit(lambda k: train_lib.create_state(model, tx, k, 32))(jax.random.key(0))
+    bias = lambda st: np.asarray(st.moe_state["block_1"]["moe"]["router"]["expert_bias"])
+    np.testing.assert_array_equal(bias(state), np.zeros(8))
     step = jax.jit(train_lib.make_train_step(model, tx, schedule))
     text = np.frombuffer(b"to be or not to be, that is the question. " * 8, np.uint8).astype(np.int32)
     batch = np.stack([text[i: i + 33] for i in range(0, 16, 4)])  # [4, 33]
-    ces = []
+    ces, biases = [], []
     for _ in range(40):
         state, m = step(state, batch, jax.random.key(1))
         ces.append(float(m["ce"]))
+        biases.append(bias(state))
     assert ces[0] == pytest.approx(math.log(256), abs=0.3)
     assert ces[-1] < 1.0 and ces[-1] < ces[0] / 4, ces
+    # each step moves every bias entry by exactly +-gamma or 0 (sign of the load imbalance), and it accumulates
+    steps = np.diff(np.stack([np.zeros(8)] + biases), axis=0)
+    assert np.allclose(np.abs(steps)[np.abs(steps) > 0], 1e-2) and np.abs(biases[-1]).max() > 1.5e-2
     assert float(m["aux_loss"]) > 0 and m["moe"]["metrics"]["expert_load"].shape == (1, 8)
     assert int(state.step) == 40
 
 
 # --------------------------------------------------------------------------------- kill -9 and resume
+
+
+# Subprocess runs: one CPU device and no LLVM optimisation (a third of the compile time; both runs of a
+# comparison use the same flags, so results stay exactly comparable).
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+                  "XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"}
+SWITCH_TINY = os.path.join(ROOT, "configs", "switch_top1.py") + ":tiny"
 
 
 def _cli(workdir, config_path, overrides):
@@ -165,8 +183,7 @@ def test_kill9_resume_matches_uninterrupted_run(tmp_path):
     ignored. TensorBoard events are written."""
     work = tmp_path / "killed"
     overrides = {**TINY, "data.corpus": _corpus(tmp_path), "data.cache_dir": str(tmp_path / "cache")}
-    config_path = os.path.join(ROOT, "configs", "switch_top1.py") + ":tiny"
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    config_path, env = SWITCH_TINY, SUBPROCESS_ENV
     proc = subprocess.Popen(_cli(work, config_path, {**overrides, "train.debug_step_delay_s": 0.2}), cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ckpts = lambda: sorted(int(p) for p in os.listdir(work / "checkpoints") if p.isdigit())
@@ -210,6 +227,12 @@ def test_kill9_resume_matches_uninterrupted_run(tmp_path):
     assert [r["step"] for r in val] == [24] and math.isfinite(val[0]["loss"])
     assert sorted(ckpts()) == [16, 24]  # keep_ckpts=2
     assert any(p.startswith("events.out.tfevents") for p in os.listdir(work / "tb"))
+    # experiments/sample.py's path: the latest checkpoint, then a few sampled tokens
+    cfg, model, variables, tokenizer, step = train_lib.load_checkpoint(str(work))
+    assert step == 24 and cfg.data.seq_len == 32
+    text = train_lib.sample_text(model, variables, tokenizer, cfg, "to be", 6, temperature=0.0)
+    assert text == train_lib.sample_text(model, variables, tokenizer, cfg, "to be", 6, temperature=0.0)
+    assert 1 <= len(text) <= 6
 
 
 # ------------------------------------------------------------------------------------ divergence
@@ -217,23 +240,28 @@ def test_kill9_resume_matches_uninterrupted_run(tmp_path):
 
 def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path):
     """lr=1e30 without warmup: step 1 (initial params) is finite and its update makes params ~1e30, so the
-    products in step 2 overflow: the run stops naming step 2, and checkpoint 1 stays the latest."""
+    products in step 2 overflow: the CLI stops with exit code 1 naming step 2, and checkpoint 1 stays the
+    latest (finite) one."""
     work = tmp_path / "nan"
-    cfg = tiny_config(tmp_path, **{"train.learning_rate": 1e30, "train.warmup_steps": 0, "train.ckpt_every": 1,
-                                   "train.grad_clip": 0.0, "train.steps": 6})
-    with pytest.raises(train_lib.TrainingDivergedError, match=r"non-finite (loss|grad_norm) \((nan|inf)\) at step 2.*checkpoint "
-                                                              r"\(step 1\).*is kept"):
-        train_lib.train(cfg, str(work))
+    overrides = {**TINY, "data.corpus": _corpus(tmp_path), "data.cache_dir": str(tmp_path / "cache"),
+                 "train.learning_rate": 1e30, "train.warmup_steps": 0, "train.ckpt_every": 1,
+                 "train.grad_clip": 0.0, "train.steps": 6}
+    out = subprocess.run(_cli(work, SWITCH_TINY, overrides), cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-3000:]
+    assert re.search(r"error: non-finite (loss|grad_norm) \((nan|inf)\) at step 2: stopping\. The last good "
+                     r"checkpoint \(step 1\) in .* is kept", out.stderr), out.stderr[-3000:]
     assert sorted(int(p) for p in os.listdir(work / "checkpoints") if p.isdigit()) == [1]
     assert [r["step"] for r in _records(work)] == [1] and math.isfinite(_records(work)[0]["loss"])
 
     # the kept checkpoint restores; a complete-looking but broken newer step is moved aside and skipped
     (work / "checkpoints" / "5").mkdir()
+    with open(work / "config.json") as f:
+        cfg = ml_collections.ConfigDict(json.load(f)["config"])
     model_cfg = train_lib.validate_config(cfg, 256)
     tx, _ = train_lib.make_optimizer(cfg.train)
     abstract = jax.eval_shape(lambda: train_lib.create_state(Transformer(model_cfg), tx, jax.random.key(0), 32))
-    restored = train_lib.restore_latest(train_lib._checkpoint_manager(str(work), 2), abstract)
-    state, data_state, resolved, _ = restored
+    state, data_state, resolved, _ = train_lib.restore_latest(train_lib._checkpoint_manager(str(work), 2), abstract)
     assert int(state.step) == 1 and data_state["step"] == 1 and resolved["vocab_size"] == 256
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
     assert not (work / "checkpoints" / "5").exists() and any(p.startswith("5.broken") for p in
