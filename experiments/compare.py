@@ -21,6 +21,8 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Comparison config (configs/compare_*.py).",
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the runs, the table and the plots.")
+_ONLY = flags.DEFINE_list("only", None, "Train only these runs ('model:seed,...') and write no table: to run "
+                          "the runs of one comparison side by side in separate processes.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,10 +34,12 @@ def main(argv):
     from moe_jax.train import TrainingDivergedError
 
     try:
-        out = run_comparison(_CONFIG.value, _WORKDIR.value)
+        out = run_comparison(_CONFIG.value, _WORKDIR.value, only=_ONLY.value)
     except (TrainingDivergedError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if _ONLY.value:
+        return
     print()
     print(out["table"])
     for path in out["plots"]:

@@ -63,7 +63,8 @@ def upcycle_checkpoint(config, from_dir: str, workdir: str, method=None, step=No
     b, l, seed = int(config.data.batch_size), int(config.data.seq_len), int(config.get("seed", 0))
     batches = lambda n: [data_lib.BatchIterator(token_data.train, b, l, seed + 1).batch_at(i) for i in range(n)]
     rng = jax.random.split(jax.random.key(seed))[0]  # train()'s init_rng: the same fresh router as train() gives
-    state, initial = train_lib.initial_state(config, model, tx, rng, batches)
+    fresh = jax.jit(lambda key: train_lib.create_state(model, tx, key, l))(rng)
+    state, initial = train_lib.initial_state(config, model, tx, fresh, batches)
     data_state = initial.data_state or data_lib.BatchIterator(token_data.train, b, l, seed).state()
     resolved = train_lib.resolved_config(config, token_data.tokenizer.vocab_size)
     with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -106,6 +106,9 @@ def curves(run_dir: str) -> Dict[str, np.ndarray]:
     out["train_step"] = np.array(tsteps, float)
     for key in ("tokens_per_s", "drop_fraction", "max_vio"):
         out[key] = np.array([train[s].get(key, np.nan) for s in tsteps], float)
+    # mean over MoE layers of the kept experts per token (dynamic-k routers spend what this says)
+    out["experts_per_token"] = np.array([np.mean(train[s]["moe/experts_per_token"])
+                                         if train[s].get("moe/experts_per_token") else np.nan for s in tsteps], float)
     loads = [train[s].get("expert_load") for s in tsteps]
     out["expert_load"] = loads if any(l is not None for l in loads) else None
     return out
@@ -124,12 +127,14 @@ def _mean_std(values: List[float]) -> tuple:
     v = np.array([x for x in values if np.isfinite(x)], float)
     if len(v) == 0:
         return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
 
 
 def _fmt(mean: float, std: float, digits: int = 3) -> str:
     if not np.isfinite(mean):
         return "n/a"
+    if not np.isfinite(std):  # one seed: no spread to report
+        return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -158,6 +163,8 @@ def summarize(workdir: str, names: List[str], seeds: List[int]) -> List[Dict[str
         tps = [np.nanmedian(c["tokens_per_s"]) if len(c["tokens_per_s"]) else float("nan") for c in cs]
         drop = [c["drop_fraction"][-1] if len(c["drop_fraction"]) else float("nan") for c in cs]
         vio = [c["max_vio"][-1] if len(c["max_vio"]) else float("nan") for c in cs]
+        ept = [np.nanmean(c["experts_per_token"]) if np.isfinite(c["experts_per_token"]).any() else float("nan")
+               for c in cs]
         summ = summaries.get(n, {})
         fm, fs = _mean_std(final)
         rows.append({
@@ -174,6 +181,7 @@ def summarize(workdir: str, names: List[str], seeds: List[int]) -> List[Dict[str
             "tokens_per_s": _mean_std(tps)[0],
             "drop_fraction": _mean_std(drop)[0],
             "max_vio": _mean_std(vio)[0],
+            "experts_per_token": _mean_std(ept)[0],
             "flop_budget": flop_budget, "time_budget": time_budget,
         })
     return rows
@@ -200,8 +208,9 @@ def write_table(rows: List[Dict[str, Any]], workdir: str, title: str = "") -> st
         lines += [f"## {title}", ""]
     lines += [
         "| model | total params | active params | train FLOPs/token | steps | seeds | val loss | val ppl | "
-        f"val loss @ {_si(budget_flops)}FLOPs | val loss @ {budget_time:.0f}s | tokens/s | drop frac | MaxVio |",
-        "|" + "---|" * 13,
+        f"val loss @ {_si(budget_flops)}FLOPs | val loss @ {budget_time:.0f}s | tokens/s | drop frac | MaxVio | "
+        "experts/token |",
+        "|" + "---|" * 14,
     ]
     for r in rows:
         lines.append(
@@ -210,10 +219,14 @@ def write_table(rows: List[Dict[str, Any]], workdir: str, title: str = "") -> st
             f"{_fmt(r['val_loss'], r['val_loss_std'])} | {r['val_ppl']:.2f} | "
             f"{_fmt(r['val_loss_at_equal_flops'], r['val_loss_at_equal_flops_std'])} | "
             f"{_fmt(r['val_loss_at_equal_time'], r['val_loss_at_equal_time_std'])} | "
-            f"{r['tokens_per_s']:.0f} | {r['drop_fraction']:.3f} | {r['max_vio']:.3f} |"
+            f"{r['tokens_per_s']:.0f} | {r['drop_fraction']:.3f} | {r['max_vio']:.3f} | "
+            f"{r['experts_per_token']:.2f} |"
             .replace("nan", "n/a"))
     lines += ["", "val loss: mean ± sample std over seeds of the last validation loss (nats/token); "
-              "@ FLOPs / @ s: interpolated at the smallest training-FLOPs / wall-time budget that every run reached."]
+              "@ FLOPs / @ s: interpolated at the smallest training-FLOPs / wall-time budget that every run reached. "
+              "drop frac, MaxVio, experts/token: MoE layers' means at the last log step (experts/token: mean over "
+              "training; dense: n/a). Train FLOPs/token count K experts per token (a dynamic-k router spends "
+              "experts/token instead)."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(text)
@@ -286,8 +299,13 @@ def resolve_init_ref(run_cfg, name: str, names: List[str], workdir: str, seed: i
     run_cfg.init.from_dir = os.path.join(workdir, source, f"seed{seed}")
 
 
-def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print) -> Dict[str, Any]:
-    """Train every (model, seed) that has no ``summary.json`` yet, then write the table and plots."""
+def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Optional[List[str]] = None
+                   ) -> Dict[str, Any]:
+    """Train every (model, seed) that has no ``summary.json`` yet, then write the table and plots.
+
+    ``only``: a list of ``'model:seed'`` — train just those runs and write no table (for running the runs of one
+    comparison as separate processes side by side; a final call without ``only`` then writes the table).
+    """
     if train_fn is None:
         from moe_jax.train import train as train_fn
     workdir = os.path.abspath(workdir)
@@ -295,8 +313,18 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print) -> Dict[str,
     configs = model_configs(cmp_cfg)
     names = list(configs)
     seeds = list(cmp_cfg.seeds)
+    wanted = None
+    if only:
+        wanted = set()
+        for item in only:
+            name, _, seed = item.partition(":")
+            if name not in configs or not seed.lstrip("-").isdigit() or int(seed) not in seeds:
+                raise ValueError(f"--only {item!r}: expected 'model:seed' with model in {names} and seed in {seeds}.")
+            wanted.add((name, int(seed)))
     for name, cfg in configs.items():
         for seed in seeds:
+            if wanted is not None and (name, seed) not in wanted:
+                continue
             run_dir = os.path.join(workdir, name, f"seed{seed}")
             if os.path.exists(os.path.join(run_dir, "summary.json")):
                 log(f"[compare] {name} seed {seed}: done already, skipping")
@@ -306,6 +334,8 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print) -> Dict[str,
             resolve_init_ref(run_cfg, name, names, workdir, seed)
             log(f"[compare] training {name} seed {seed} -> {run_dir}")
             train_fn(run_cfg, run_dir)
+    if wanted is not None:
+        return {"rows": [], "table": "", "plots": []}
     rows = summarize(workdir, names, seeds)
     table = write_table(rows, workdir, title=cmp_cfg.get("title", ""))
     plots = plot(workdir, names, seeds)

@@ -171,17 +171,21 @@ def create_state(model: Transformer, tx: optax.GradientTransformation, rng: Arra
                       moe_state=variables.get(MOE_STATE, {}))
 
 
-def initial_state(config, model: Transformer, tx: optax.GradientTransformation, rng: Array, batches=None):
+def initial_state(config, model: Transformer, tx: optax.GradientTransformation, fresh: TrainState, batches=None):
     """``(TrainState, upcycle.Initial)`` converted from the run named by ``config.init.from_dir``
-    (``moe_jax.upcycle``: upcycling, splitting, or a plain copy), with a fresh optimizer state.
-    ``batches(n)``: n training batches for the neuron importances. ``None`` if no ``init.from_dir`` is set."""
+    (``moe_jax.upcycle``: upcycling, splitting, or a plain copy), or ``None`` if none is named.
+
+    ``fresh``: a randomly initialised state of ``model`` (on the host), which gives the parts that are new
+    (routers, ``'moe_state'``); the optimizer state is reset (``tx.init`` of the converted params).
+    ``batches(n)``: n training batches ``[B, L+1]`` for the neuron importances (split_importance, shared experts).
+    """
     from moe_jax import upcycle
 
     init_cfg = config.get("init")
     if not init_cfg or not init_cfg.get("from_dir"):
         return None
-    fresh = jax.jit(lambda key: init_variables(model, key, int(config.data.seq_len)))(rng)
-    initial = upcycle.initial_from_source(init_cfg, model.config, fresh, batches)
+    variables = {"params": fresh.params, **({MOE_STATE: fresh.moe_state} if fresh.moe_state else {})}
+    initial = upcycle.initial_from_source(init_cfg, model.config, variables, batches)
     params = jax.tree.map(jnp.asarray, initial.variables["params"])
     state = TrainState(step=jnp.asarray(initial.step, jnp.int32), params=params, opt_state=tx.init(params),
                        moe_state=jax.tree.map(jnp.asarray, initial.variables.get(MOE_STATE, {})))
@@ -540,10 +544,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
         resumed_from, elapsed0, t_init = None, 0.0, time.time()
         importance_data = lambda n: [data_lib.BatchIterator(token_data.train, batch_size, seq_len, seed + 1).batch_at(i)
                                      for i in range(n)]
-        converted = initial_state(config, model, tx, init_rng, importance_data)  # config.init.from_dir
-        if converted is None:
-            state = init_fn(init_rng)
-        else:
+        state = init_fn(init_rng)
+        converted = initial_state(config, model, tx, host(state), importance_data)  # config.init.from_dir
+        if converted is not None:
             state, initial = converted
             state = runner.place(jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), state,
                                               runner.abstract_state(init_rng)))
