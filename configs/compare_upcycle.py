@@ -40,16 +40,20 @@ SPLIT_MOE = dict(num_experts=E, k=K, router="deepseek", score_func="softmax", re
                  z_loss_coef=1e-3, seq_aux_coef=0.0)
 
 
-def get_config(size=None):
-    if size == "tiny":  # about 2 minutes on 2 CPU cores
-        n, m = 100, 100
-        cfg = base.make_config("tiny", train=dict(steps=n + m, warmup_steps=20, eval_every=50, log_every=25,
-                                                  sample_tokens=0))
+def get_config(spec=None):
+    """``spec``: '' (the 'small' study, N = M = 500) or 'tiny' (N = M = 100); 'tiny,N,M' sets the steps."""
+    size, *steps = (spec or "").split(",")
+    if steps and (len(steps) != 2 or not all(s.isdigit() and int(s) > 0 for s in steps)):
+        raise ValueError(f"configs/compare_upcycle.py:{spec}: write SIZE,N,M with positive step counts, e.g. tiny,4,4.")
+    if size == "tiny":  # about 3 minutes on 2 CPU cores
+        n, m = map(int, steps) if steps else (100, 100)
+        cfg = base.make_config("tiny", train=dict(warmup_steps=min(20, n), eval_every=max(n // 2, 1),
+                                                  log_every=min(25, n), sample_tokens=0))
         return build(cfg, n, m)
-    n, m = 500, 500
-    cfg = base.make_config(size, train=dict(steps=n + m, warmup_steps=100, eval_every=100, log_every=25,
-                                            sample_tokens=100))
-    return build(cfg, n, m, results_dir="docs/results/upcycle")
+    n, m = map(int, steps) if steps else (500, 500)
+    cfg = base.make_config(size or None, train=dict(warmup_steps=min(100, n), eval_every=max(n // 5, 1),
+                                                    log_every=min(25, n), sample_tokens=100))
+    return build(cfg, n, m, results_dir="" if steps else "docs/results/upcycle")
 
 
 def build(cfg, n: int, m: int, results_dir: str = ""):

@@ -24,13 +24,18 @@ if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Target (MoE) training config (configs/*.py[:tiny]).",
-                                          lock_config=False)
-_FROM = flags.DEFINE_string("from", None, "The dense run's --workdir (its checkpoints/ are read).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "New run directory for the converted checkpoint.")
-_METHOD = flags.DEFINE_string("method", None, "Overrides config.init.method.")
-_STEP = flags.DEFINE_integer("step", None, "Overrides config.init.step (-1: the latest checkpoint).")
-flags.mark_flags_as_required(["config", "from", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    """Flags are defined only when run as a script, so that tests can import ``upcycle_checkpoint``."""
+    config_flags.DEFINE_config_file("config", None, "Target (MoE) training config (configs/*.py[:tiny]).",
+                                    lock_config=False)
+    flags.DEFINE_string("from", None, "The dense run's --workdir (its checkpoints/ are read).")
+    flags.DEFINE_string("workdir", None, "New run directory for the converted checkpoint.")
+    flags.DEFINE_string("method", None, "Overrides config.init.method.")
+    flags.DEFINE_integer("step", None, "Overrides config.init.step (-1: the latest checkpoint).")
+    flags.mark_flags_as_required(["config", "from", "workdir"])
 
 
 def upcycle_checkpoint(config, from_dir: str, workdir: str, method=None, step=None):
@@ -79,15 +84,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     try:
-        step, report = upcycle_checkpoint(_CONFIG.value, _FROM.value, _WORKDIR.value, _METHOD.value, _STEP.value)
+        step, report = upcycle_checkpoint(FLAGS.config, FLAGS["from"].value, FLAGS.workdir, FLAGS.method, FLAGS.step)
     except (ValueError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     blocks = ", ".join(f"block {r['block']}: {r['method']}" for r in report["blocks"])
-    print(f"wrote {os.path.join(os.path.abspath(_WORKDIR.value), 'checkpoints', str(step))} from "
+    print(f"wrote {os.path.join(os.path.abspath(FLAGS.workdir), 'checkpoints', str(step))} from "
           f"{report['from_dir']} step {report['source_step']} ({blocks}); train with the same --config and "
           f"--workdir to continue.")
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -200,7 +200,7 @@ def _apply(model, params, moe_state, inputs, rng, train: bool):
     variables = {"params": params}
     if moe_state:
         variables[MOE_STATE] = moe_state
-    rngs = {"router": rng} if rng is not None else None
+    rngs = {"router": rng, "dropout": jax.random.fold_in(rng, 1)} if rng is not None else None
     if moe_state and train:
         (logits, aux), updates = model.apply(variables, inputs, train=True, rngs=rngs, mutable=[MOE_STATE])
         return logits, aux, updates[MOE_STATE]

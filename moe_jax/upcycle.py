@@ -441,6 +441,7 @@ def _convert_ffn(i: int, ffn: Params, source: ModelConfig, target: ModelConfig, 
         info["shared"] = None if shared is None else shared.tolist()
         if importance is not None:
             imp = importance[i]
+            info["importance"] = [float(v) for v in imp]
             info["expert_importance"] = [float(imp[idx].sum()) for idx in partition]
             info["shared_importance"] = None if shared is None else float(imp[shared].sum())
         if router == "auto":
