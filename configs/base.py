@@ -50,7 +50,8 @@ SIZES: Dict[str, Dict[str, Dict[str, Any]]] = {
 
 def _optional_type(annotation: str):
     inner = annotation.replace("Optional[", "").rstrip("]")
-    return {"int": int, "float": float, "bool": bool, "str": str}[inner]
+    # Any (e.g. group_size: an int or 'auto') -> object: the override keeps whatever type it is given.
+    return {"int": int, "float": float, "bool": bool, "str": str, "Any": object}.get(inner, object)
 
 
 def moe_defaults() -> ml_collections.ConfigDict:

@@ -23,6 +23,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Comparison config (co
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the runs, the table and the plots.")
 _ONLY = flags.DEFINE_list("only", None, "Train only these runs ('model:seed,...') and write no table: to run "
                           "the runs of one comparison side by side in separate processes.")
+_TABLE_ONLY = flags.DEFINE_bool("table_only", False, "Train nothing; tabulate and plot the runs that exist.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,7 +35,8 @@ def main(argv):
     from moe_jax.train import TrainingDivergedError
 
     try:
-        out = run_comparison(_CONFIG.value, _WORKDIR.value, only=_ONLY.value)
+        out = run_comparison(_CONFIG.value, _WORKDIR.value, only=_ONLY.value,
+                             train_missing=not _TABLE_ONLY.value)
     except (TrainingDivergedError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

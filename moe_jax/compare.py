@@ -190,7 +190,7 @@ def summarize(workdir: str, names: List[str], seeds: List[int]) -> List[Dict[str
 def _si(x) -> str:
     if x is None or (isinstance(x, float) and not np.isfinite(x)):
         return "n/a"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
             return f"{x / scale:.2f}{unit}"
     return f"{x:.0f}"
@@ -299,12 +299,13 @@ def resolve_init_ref(run_cfg, name: str, names: List[str], workdir: str, seed: i
     run_cfg.init.from_dir = os.path.join(workdir, source, f"seed{seed}")
 
 
-def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Optional[List[str]] = None
-                   ) -> Dict[str, Any]:
+def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Optional[List[str]] = None,
+                   train_missing: bool = True) -> Dict[str, Any]:
     """Train every (model, seed) that has no ``summary.json`` yet, then write the table and plots.
 
     ``only``: a list of ``'model:seed'`` — train just those runs and write no table (for running the runs of one
     comparison as separate processes side by side; a final call without ``only`` then writes the table).
+    ``train_missing=False``: tabulate what exists and train nothing (unfinished runs show what they logged).
     """
     if train_fn is None:
         from moe_jax.train import train as train_fn
@@ -323,7 +324,7 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
             wanted.add((name, int(seed)))
     for name, cfg in configs.items():
         for seed in seeds:
-            if wanted is not None and (name, seed) not in wanted:
+            if (wanted is not None and (name, seed) not in wanted) or not train_missing:
                 continue
             run_dir = os.path.join(workdir, name, f"seed{seed}")
             if os.path.exists(os.path.join(run_dir, "summary.json")):
