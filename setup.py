@@ -30,5 +30,12 @@ setup(
             "nbformat>=5.10",
             "ipykernel>=6.29",
         ],
+        # Weight interchange with HuggingFace transformers' MoE blocks (moe_jax/interop.py, tests/test_interop.py).
+        # torch 2.13.0 resolves to the CPU build on the project's machines (local wheel); transformers >= 5 keeps
+        # MoE experts as fused 3-D tensors, which is the layout interop.py reads.
+        "interop": [
+            "torch==2.13.0",
+            "transformers==5.23.0",
+        ],
     },
 )

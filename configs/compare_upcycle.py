@@ -3,11 +3,11 @@
     python experiments/compare.py --config configs/compare_upcycle.py --workdir runs/upcycle
     python experiments/compare.py --config configs/compare_upcycle.py:tiny --workdir /tmp/upcycle_tiny
 
-A dense model trains for N + M steps (``dense``; its checkpoint at step N is kept). At step N, every
-``*_from_dense`` model starts from that checkpoint (``config.init.from_dir='@dense'``, converted by
-``moe_jax/upcycle.py``, fresh optimizer state) and trains the remaining M steps on the same data order and
-learning-rate schedule; the ``*_scratch`` models train the same MoE architectures from a random init for all
-N + M steps. Models (E = 8 experts, K = 2 per token, dropless):
+A dense model trains for N + M steps (``dense``; its checkpoint at step N is kept; 'small': N = M = 1000,
+'tiny': N = M = 100). At step N, the ``upcycle`` and ``split_*`` models start from that checkpoint
+(``config.init.from_dir='@dense'``, converted by ``moe_jax/upcycle.py``, fresh optimizer state) and train the
+remaining M steps on the same data order and learning-rate schedule; the ``*_scratch`` models train the same
+MoE architectures from a random init for all N + M steps. Models (E = 8 experts, K = 2 per token, dropless):
 
 * ``dense``: the baseline (continues without any change, optimizer included).
 * ``upcycle``: Komatsuzaki et al. 2022: every other block's FFN copied into 8 experts of the dense FFN's width,
@@ -41,7 +41,7 @@ SPLIT_MOE = dict(num_experts=E, k=K, router="deepseek", score_func="softmax", re
 
 
 def get_config(spec=None):
-    """``spec``: '' (the 'small' study, N = M = 500) or 'tiny' (N = M = 100); 'tiny,N,M' sets the steps."""
+    """``spec``: '' (the 'small' study, N = M = 1000) or 'tiny' (N = M = 100); 'SIZE,N,M' sets the steps."""
     size, *steps = (spec or "").split(",")
     if steps and (len(steps) != 2 or not all(s.isdigit() and int(s) > 0 for s in steps)):
         raise ValueError(f"configs/compare_upcycle.py:{spec}: write SIZE,N,M with positive step counts, e.g. tiny,4,4.")
@@ -50,7 +50,7 @@ def get_config(spec=None):
         cfg = base.make_config("tiny", train=dict(warmup_steps=min(20, n), eval_every=max(n // 2, 1),
                                                   log_every=min(25, n), sample_tokens=0))
         return build(cfg, n, m)
-    n, m = map(int, steps) if steps else (500, 500)
+    n, m = map(int, steps) if steps else (1000, 1000)  # 2000 steps in all, as the other studies
     cfg = base.make_config(size or None, train=dict(warmup_steps=min(100, n), eval_every=max(n // 5, 1),
                                                     log_every=min(25, n), sample_tokens=100))
     return build(cfg, n, m, results_dir="" if steps else "docs/results/upcycle")

@@ -17,9 +17,14 @@ Rows (``--dispatchers``):
   size, see ``dispatch.auto_group_size``);
 * ``einsum_seq``: one-hot einsum with one group per sequence (``group_size=None``, S = L);
 * ``scatter``: the capacity buffer (sort/scatter), groups of one sequence;
-* ``dropless``: sorted, block-padded dropless layout (``dropless_impl='blocks'``);
-* ``ragged_dot``: dropless with ``jax.lax.ragged_dot`` (``dropless_impl='ragged_dot'``; on CPU it costs E
-  times the useful work, so it is not in the default CPU list).
+* ``dropless``: dropless with ``dropless_impl='auto'`` (the backend's default: ``grouped`` on CPU,
+  ``ragged_dot`` on GPU);
+* ``grouped``: dropless on rows sorted by expert, a loop of GEMMs (``dispatch.grouped_matmul``);
+* ``ragged_dot``: dropless with ``jax.lax.ragged_dot`` (on CPU it costs E times the useful work);
+* ``blocks``: dropless, block-padded rows with per-block gathered weights (``dropless_impl='blocks'``).
+
+Default rows: ``einsum, einsum_seq, scatter, dropless`` on CPU; every one but ``dropless`` (= ``ragged_dot``
+there) on a GPU/TPU.
 
 Measurement: every function is compiled first; then ``--repeats`` rounds, each round calling the dense
 baseline and every MoE variant of the same K once, in turn, in this one process (so slow drifts of a shared
@@ -43,7 +48,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(0, _ROOT)
 
-DISPATCHERS = ("einsum", "einsum_seq", "scatter", "dropless", "ragged_dot")
+DISPATCHERS = ("einsum", "einsum_seq", "scatter", "dropless", "grouped", "ragged_dot", "blocks")
+CPU_DEFAULT = ("einsum", "einsum_seq", "scatter", "dropless")
+ACCEL_DEFAULT = ("einsum", "einsum_seq", "scatter", "grouped", "ragged_dot", "blocks")
 
 
 def parse_args(argv=None):
@@ -95,7 +102,7 @@ def main(argv=None):
     if args.dispatchers:
         names = args.dispatchers.split(",")
     else:
-        names = [n for n in DISPATCHERS if backend != "cpu" or n != "ragged_dot"]
+        names = list(CPU_DEFAULT if backend == "cpu" else ACCEL_DEFAULT)
     for n in names:
         if n not in DISPATCHERS:
             raise SystemExit(f"--dispatchers: unknown {n!r}; choose from {','.join(DISPATCHERS)}")
@@ -118,9 +125,9 @@ def main(argv=None):
         elif name == "scatter":
             kw.update(dispatcher="scatter")
         elif name == "dropless":
-            kw.update(dispatcher="dropless", dropless_impl="blocks")
-        elif name == "ragged_dot":
-            kw.update(dispatcher="dropless", dropless_impl="ragged_dot")
+            kw.update(dispatcher="dropless", dropless_impl="auto")
+        else:
+            kw.update(dispatcher="dropless", dropless_impl=name)
         return MoEConfig(**kw)
 
     def build_moe(cfg):
@@ -191,6 +198,7 @@ def main(argv=None):
                     continue
                 fns.append((name, e, fn, (params, x), drop))
         times = {i: [] for i in range(len(fns))}
+        cpu_times = {i: [] for i in range(len(fns))}
         info = {}
         for i, (label, e, fn, fargs, _) in enumerate(fns):
             t0 = time.perf_counter()
@@ -203,39 +211,45 @@ def main(argv=None):
                   flush=True)
         for rep in range(args.repeats):
             for i, (label, e, fn, fargs, _) in enumerate(fns):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 block(fn(*fargs))
                 times[i].append(time.perf_counter() - t0)
-        dense_t = np.asarray(times[0])
+                cpu_times[i].append(time.process_time() - c0)
+        dense_t, dense_c = np.asarray(times[0]), np.asarray(cpu_times[0])
         for i, (label, e, fn, fargs, drop) in enumerate(fns):
-            ts = np.asarray(times[i])
+            ts, cs = np.asarray(times[i]), np.asarray(cpu_times[i])
             row = dict(k=k, e=e, dispatcher=label, median_ms=float(np.median(ts) * 1e3),
                        ratio=float(np.median(ts / dense_t)), gflops=useful / float(np.median(ts)) / 1e9,
-                       mem_mib=info[i][1], drop=drop, times_ms=[float(v * 1e3) for v in ts])
+                       cpu_ms=float(np.median(cs) * 1e3), cpu_ratio=float(np.median(cs / dense_c)),
+                       mem_mib=info[i][1], drop=drop, times_ms=[float(v * 1e3) for v in ts],
+                       cpu_times_ms=[float(v * 1e3) for v in cs])
             rows.append(row)
             print(f"  {label:10s} E={str(e):>3s} K={k}: {row['median_ms']:9.1f} ms  x{row['ratio']:.2f}  "
-                  f"{row['gflops']:7.1f} GFLOP/s  {row['mem_mib']:7.0f} MiB  drop={drop}", flush=True)
+                  f"(CPU {row['cpu_ms']:9.1f} ms x{row['cpu_ratio']:.2f})  {row['gflops']:7.1f} GFLOP/s  "
+                  f"{row['mem_mib']:7.0f} MiB  drop={drop}", flush=True)
         del fns
 
     print()
-    print(markdown(rows, args))
+    print(markdown(rows, args, cpu=backend == "cpu"))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(args=vars(args), machine=machine, jax=jax.__version__, rows=rows), fh, indent=1)
     return rows
 
 
-def markdown(rows, args) -> str:
+def markdown(rows, args, cpu=True) -> str:
     flops_unit = "TFLOP/s" if any(r["gflops"] > 2000 for r in rows) else "GFLOP/s"
     scale = 1e-3 if flops_unit == "TFLOP/s" else 1.0
-    lines = [f"| K | E | dispatcher | median ms | × dense | useful {flops_unit} | memory MiB | dropped |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    cpu_head, cpu_rule = (" CPU ms | × dense (CPU) |", "---:|---:|") if cpu else ("", "")
+    lines = [f"| K | E | dispatcher | median ms | × dense |{cpu_head} useful {flops_unit} | memory MiB | dropped |",
+             f"|---|---|---|---:|---:|{cpu_rule}---:|---:|---:|"]
     for r in rows:
         e = "" if r["e"] is None else str(r["e"])
         drop = "" if r["drop"] is None else f"{100 * r['drop']:.1f}%"
         label = {"dense": f"dense FFN (F={r['k']}·{args.hidden})", "matmul": "one matmul, same FLOPs"}.get(
             r["dispatcher"], r["dispatcher"])
-        lines.append(f"| {r['k']} | {e} | {label} | {r['median_ms']:.1f} | {r['ratio']:.2f} | "
+        cpu_cells = f" {r['cpu_ms']:.1f} | {r['cpu_ratio']:.2f} |" if cpu else ""
+        lines.append(f"| {r['k']} | {e} | {label} | {r['median_ms']:.1f} | {r['ratio']:.2f} |{cpu_cells} "
                      f"{r['gflops'] * scale:.1f} | {r['mem_mib']:.0f} | {drop} |")
     return "\n".join(lines)
 

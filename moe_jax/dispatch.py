@@ -33,6 +33,7 @@ token choice only (expert choice never overflows by construction). Soft MoE deci
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, NamedTuple, Optional
 
 import jax
@@ -75,6 +76,47 @@ def make_capacity_plan(decision: RoutingDecision, capacity: int, slot_order: str
     return CapacityPlan("token_choice", capacity, e, kept, weight, expert=decision.expert_index, slot=slot)
 
 
+# ------------------------------------------------------------------------------------ row gathers (perf)
+
+
+@jax.custom_vjp
+def take_rows(x: Array, idx: Array, inverse: Array) -> Array:
+    """``out[i] = x[idx[i]]``, a zero row where ``idx[i] == len(x)``: ``x[A, ...]``, ``idx[B]`` -> ``[B, ...]``.
+
+    ``inverse [A, M]`` must list, for every source row ``j``, all ``i`` with ``idx[i] == j`` (padded with ``B``).
+    It makes the backward pass a gather too, ``dx[j] = sum_m dout[inverse[j, m]]``: autodiff of a plain
+    gather would emit a scatter-add into ``[A, ...]``, which XLA runs as a serial loop on CPU and with atomics
+    on GPU. Dispatch gathers token rows into a buffer (``M = K``: a token's K assignments); combine gathers
+    buffer rows back (``M = 1``: a row holds one assignment).
+    """
+    return _gather_rows(x, idx)
+
+
+def _gather_rows(x: Array, idx: Array) -> Array:
+    x_pad = jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)], axis=0)
+    return x_pad.at[idx].get(mode="promise_in_bounds")
+
+
+def _take_rows_fwd(x, idx, inverse):
+    return _gather_rows(x, idx), (idx, inverse)
+
+
+def _take_rows_bwd(res, g):
+    idx, inverse = res
+    dx = jnp.sum(_gather_rows(g, inverse.reshape(-1)).reshape(inverse.shape + g.shape[1:]), axis=1)
+    return dx, None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def _inverse_rows(rows: Array, num_rows: int) -> Array:
+    """``rows[N]`` (distinct targets, or ``num_rows`` = nowhere) -> ``[num_rows]``: the ``n`` that landed on
+    each row, ``N`` where none did."""
+    n = rows.shape[0]
+    return jnp.full((num_rows,), n, jnp.int32).at[rows].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+
+
 # ------------------------------------------------------------------------------------------------ einsum
 
 
@@ -91,6 +133,21 @@ def einsum_masks(plan: CapacityPlan, group_size: int, dtype) -> tuple:
     dispatch = jnp.einsum("gske,gskc->gsec", oe, oc)
     combine = jnp.einsum("gske,gskc,gsk->gsec", oe, oc, plan.weight.astype(dtype))
     return dispatch, combine
+
+
+def einsum_group_size(seq_len: int, num_experts: int, k: int, hidden: int) -> int:
+    """The group size S that ``MoEConfig.group_size='auto'`` gives the einsum dispatcher.
+
+    The largest divisor of ``seq_len`` not above ``max(hidden // 4, 4 * ceil(E / K))``. Why: forward and
+    backward run five ``[G,S,E,C]`` einsums (dispatch, combine, and the transposes: d x, d ye, d combine
+    weights) against three FFN products, so the overhead over the experts is about
+    ``(5/3) * cf * S / (2F)``; ``S <= F/4`` keeps it near ``0.2 * cf`` (0.26 at cf = 1.25) for any E and K.
+    The floor ``4 * E / K`` keeps at least 4 expected assignments per expert and group: smaller groups make
+    the capacity ``C = ceil(cf*K*S/E)`` too coarse and drop more. Capacity stays per group (DESIGN.md), so
+    with 'auto' the einsum drops exactly what 'scatter' drops with ``group_size`` set to the same S.
+    """
+    limit = max(hidden // 4, 4 * -(-num_experts // k), 1)
+    return max(s for s in range(1, min(seq_len, limit) + 1) if seq_len % s == 0)
 
 
 def einsum_dispatch(x: Array, dispatch_mask: Array) -> Array:
@@ -135,6 +192,12 @@ def scatter_dispatch(x: Array, plan: CapacityPlan) -> Array:
     """``x[G, S, D]`` -> ``[E, G*C, D]``: an inverse map (buffer row -> token) then one gather."""
     g, s, d = x.shape
     c, e = plan.capacity, plan.num_experts
+    if plan.kind == "token_choice":
+        k = plan.kept.shape[-1]
+        rows = _buffer_rows(plan, g).reshape(g * s, k)  # [T, K]; E*G*C where dropped
+        row_assignment = _inverse_rows(rows.reshape(-1), e * g * c)  # [E*G*C]; T*K for an empty slot
+        # an empty slot reads the zero row T; the backward gathers each token's K rows (take_rows)
+        return take_rows(x.reshape(g * s, d), row_assignment // k, rows).reshape(e, g * c, d)
     rows = _buffer_rows(plan, g).reshape(-1)
     tokens = _token_ids(plan, g, s).reshape(-1)
     # Each kept row is written once; dropped ones (row == E*G*C) fall off the end (mode='drop').
@@ -148,6 +211,11 @@ def scatter_combine(ye: Array, plan: CapacityPlan, group_size: int) -> Array:
     e, gc, d = ye.shape
     g = gc // plan.capacity
     rows = _buffer_rows(plan, g)
+    if plan.kind == "token_choice":
+        k = rows.shape[-1]
+        inverse = _inverse_rows(rows.reshape(-1), e * gc)[:, None]  # [E*G*C, 1] assignment of each row
+        gathered = take_rows(ye.reshape(e * gc, d), rows.reshape(-1), inverse).reshape(g, group_size, k, d)
+        return jnp.sum(gathered * plan.weight[..., None].astype(ye.dtype), axis=2)  # [G, S, D]
     y_pad = jnp.concatenate([ye.reshape(e * gc, d), jnp.zeros((1, d), ye.dtype)], axis=0)
     gathered = y_pad[rows]  # [G, S, K, D] or [G, E, C, D]
     weighted = gathered * plan.weight[..., None].astype(ye.dtype)
@@ -231,31 +299,174 @@ def dropless_combine(yb: Array, plan: DroplessPlan) -> Array:
     return jnp.sum(gathered * plan.weight[..., None].astype(yb.dtype), axis=2)
 
 
-def ragged_dot_experts(x: Array, decision: RoutingDecision, params: Dict[str, Array], activation: str,
-                       dtype) -> Array:
-    """Dropless with ``jax.lax.ragged_dot`` (the fast path on GPU; E times the work on CPU).
+def _group_offsets(group_sizes: Array) -> tuple:
+    ends = jnp.cumsum(group_sizes)
+    return ends - group_sizes, ends
 
-    ``x[G, S, D]`` -> ``[G, S, D]``; ``params`` are the stacked expert weights ``wi/wg [E, D, F]``, ``wo [E, F, D]``.
+
+def _tile_sizes(tile: int, quantum: int) -> list:
+    return list(range(quantum, tile + 1, quantum))
+
+
+def _gmm_loop(x: Array, w: Array, group_sizes: Array, tile: int, quantum: int, transpose_w: bool) -> Array:
+    """``x[M, Din]``, ``w[E, Din, Dout]`` (``[E, Dout, Din]`` if ``transpose_w``) -> ``[M, Dout]``, rows of group
+    e times ``w[e]``; rows past ``sum(group_sizes)`` are zero.
+
+    A loop over the groups; inside, full tiles of ``tile`` rows, then the remainder as ONE product whose row
+    count is rounded up to a multiple of ``quantum`` (a ``lax.switch`` over the ``tile / quantum`` static
+    sizes; the extra rows belong to the next group and are masked). Each 2-D dot is a plain GEMM call.
+    """
+    m, din = x.shape
+    e = w.shape[0]
+    dout = w.shape[1] if transpose_w else w.shape[2]
+    dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
+    starts, ends = _group_offsets(group_sizes)
+    xp = jnp.concatenate([x, jnp.zeros((tile, din), x.dtype)], axis=0)  # [M + tile, Din]
+    out = jnp.zeros((m + tile, dout), x.dtype)
+
+    def group(i, out):
+        wi = jax.lax.dynamic_index_in_dim(w, i, 0, keepdims=False)
+        start, end = starts[i], ends[i]
+        n_full = (end - start) // tile
+
+        def full(j, out):
+            r0 = start + j * tile
+            y = jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(xp, r0, tile), wi, dims).astype(x.dtype)
+            return jax.lax.dynamic_update_slice_in_dim(out, y, r0, 0)
+
+        out = jax.lax.fori_loop(0, n_full, full, out)
+        r0 = start + n_full * tile
+        rem = end - r0
+
+        def part(size):
+            def f(_):
+                y = jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(xp, r0, size), wi, dims).astype(x.dtype)
+                y = jnp.where((jnp.arange(size) < rem)[:, None], y, 0)
+                return jnp.pad(y, ((0, tile - size), (0, 0)))  # [tile, Dout]
+            return f
+
+        # The switch returns the padded tile; the write happens outside it (a switch that carried `out` would
+        # copy the whole buffer). Rows past `end` are zeros written over later groups' rows, which those
+        # groups overwrite afterwards (groups run in order).
+        def write(out):
+            y = jax.lax.switch((rem - 1) // quantum, [part(n) for n in _tile_sizes(tile, quantum)], 0)
+            return jax.lax.dynamic_update_slice_in_dim(out, y, r0, 0)
+
+        return jax.lax.cond(rem > 0, write, lambda o: o, out)
+
+    return jax.lax.fori_loop(0, e, group, out)[:m]
+
+
+def _tgmm_loop(x: Array, dy: Array, group_sizes: Array, num_groups: int, tile: int, quantum: int) -> Array:
+    """``x[M, Din]``, ``dy[M, Dout]`` -> ``[E, Din, Dout]``: ``x_e^T dy_e`` per group (the weight gradient)."""
+    m, din = x.shape
+    dout = dy.shape[1]
+    starts, ends = _group_offsets(group_sizes)
+    xp = jnp.concatenate([x, jnp.zeros((tile, din), x.dtype)], axis=0)
+    dyp = jnp.concatenate([dy, jnp.zeros((tile, dout), dy.dtype)], axis=0)
+    dims = (((0,), (0,)), ((), ()))
+
+    def group(i):
+        start, end = starts[i], ends[i]
+        n_full = (end - start) // tile
+
+        def full(j, acc):
+            r0 = start + j * tile
+            return acc + jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(xp, r0, tile),
+                                             jax.lax.dynamic_slice_in_dim(dyp, r0, tile), dims).astype(acc.dtype)
+
+        acc = jax.lax.fori_loop(0, n_full, full, jnp.zeros((din, dout), x.dtype))
+        r0 = start + n_full * tile
+        rem = end - r0
+
+        def part(size):
+            def f(acc):
+                xt = jax.lax.dynamic_slice_in_dim(xp, r0, size)
+                xt = jnp.where((jnp.arange(size) < rem)[:, None], xt, 0)  # rows of the next group
+                return acc + jax.lax.dot_general(xt, jax.lax.dynamic_slice_in_dim(dyp, r0, size), dims).astype(acc.dtype)
+            return f
+
+        branches = [lambda acc: acc] + [part(n) for n in _tile_sizes(tile, quantum)]
+        return jax.lax.switch((rem + quantum - 1) // quantum, branches, acc)
+
+    return jax.lax.map(group, jnp.arange(num_groups))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def grouped_matmul(x: Array, w: Array, group_sizes: Array, tile: int = 512, quantum: int = 32) -> Array:
+    """``jax.lax.ragged_dot(x, w, group_sizes)`` for CPU: ``x[M, Din]`` (rows sorted by group), ``w[E, Din, Dout]``,
+    ``group_sizes[E]`` int -> ``[M, Dout]``; rows past ``sum(group_sizes)`` are zero.
+
+    Why: on CPU ``ragged_dot`` lowers to a masked dense product (E times the work) and the block layout
+    gathers ``[NB, Din, Dout]`` weight copies. Here every group is one or a few plain GEMM calls on its own
+    rows (see ``_gmm_loop``); the backward is the same loop with ``w`` transposed for ``dx`` and a per-group
+    ``x^T dy`` for ``dw`` (no scatter-add, no gathered weights). Cost: the useful work, plus per group at most
+    ``quantum - 1`` masked rows and one GEMM call's fixed overhead (packing the ``Din x Dout`` weight, about
+    as much as 40 rows for the forward and 130 for the weight gradient at D=512, F=1024; docs/perf.md).
+    """
+    return _gmm_loop(x, w, group_sizes, tile, quantum, False)
+
+
+def _grouped_matmul_fwd(x, w, group_sizes, tile, quantum):
+    return _gmm_loop(x, w, group_sizes, tile, quantum, False), (x, w, group_sizes)
+
+
+def _grouped_matmul_bwd(tile, quantum, res, g):
+    x, w, group_sizes = res
+    dx = _gmm_loop(g.astype(x.dtype), w, group_sizes, tile, quantum, True)
+    dw = _tgmm_loop(x, g.astype(x.dtype), group_sizes, w.shape[0], 2 * tile, 2 * quantum)
+    return dx, dw.astype(w.dtype), None
+
+
+grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+
+SORTED_IMPLS = ("ragged_dot", "grouped")
+
+
+def default_dropless_impl(backend: Optional[str] = None) -> str:
+    """What ``MoEConfig.dropless_impl='auto'`` resolves to (the fastest measured there, see docs/perf.md):
+    ``'grouped'`` on CPU (``grouped_matmul``), ``'ragged_dot'`` elsewhere (``jax.lax.ragged_dot``, a grouped
+    GEMM kernel on GPU/TPU)."""
+    backend = backend or jax.default_backend()
+    return "grouped" if backend == "cpu" else "ragged_dot"
+
+
+def ragged_dot_experts(x: Array, decision: RoutingDecision, params: Dict[str, Array], activation: str,
+                       dtype, impl: str = "ragged_dot") -> Array:
+    """Dropless on rows sorted by expert, no padding: ``x[G, S, D]`` -> ``[G, S, D]``.
+
+    ``params`` are the stacked expert weights ``wi/wg [E, D, F]``, ``wo [E, F, D]``. ``impl``:
+    ``'ragged_dot'`` uses ``jax.lax.ragged_dot`` (the fast path on GPU; E times the work on CPU),
+    ``'grouped'`` uses ``grouped_matmul`` (CPU). The sort and its inverse are ``take_rows`` gathers, so the
+    backward pass has no scatter-add either.
     """
     from moe_jax.experts import get_activation
 
+    if impl not in SORTED_IMPLS:
+        raise ValueError(f"MoEConfig.dropless_impl: unknown {impl!r}; choose one of {SORTED_IMPLS}.")
     g, s, k = decision.expert_index.shape
     d = x.shape[-1]
     e = decision.num_experts
     n = g * s * k
-    key = jnp.where(decision.valid, decision.expert_index, e).reshape(n)
-    order = jnp.argsort(key, stable=True)
-    counts = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
-    xs = x.reshape(g * s, d)[order // k].astype(dtype)  # [N, D] sorted by expert
-    act = get_activation(activation)
-    h = jax.lax.ragged_dot(xs, params["wi"].astype(dtype), counts)
-    if "wg" in params:
-        h = act(jax.lax.ragged_dot(xs, params["wg"].astype(dtype), counts)) * h
+    t = g * s
+    key = jnp.where(decision.valid, decision.expert_index, e).reshape(n)  # invalid assignments sort last
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)  # [N] sorted row -> assignment
+    counts = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)  # [E]
+    row_valid = key[order] < e  # [N]
+    row_of_assignment = _inverse_rows(jnp.where(row_valid, order, n), n)  # [N]; N if invalid
+    row_token = jnp.where(row_valid, order // k, t)  # [N]; T (the zero row) past the valid rows
+    xs = take_rows(x.reshape(t, d), row_token, row_of_assignment.reshape(t, k)).astype(dtype)  # [N, D] sorted
+    if impl == "ragged_dot":
+        matmul = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), counts)
     else:
-        h = act(h)
-    ys = jax.lax.ragged_dot(h, params["wo"].astype(dtype), counts)  # [N, D]
-    ys = jnp.where((key[order] < e)[:, None], ys, 0)
-    y = jnp.zeros((n, d), ys.dtype).at[order].set(ys).reshape(g, s, k, d)
+        matmul = lambda a, w: grouped_matmul(a, w.astype(dtype), counts)
+    act = get_activation(activation)
+    h = matmul(xs, params["wi"])
+    h = act(matmul(xs, params["wg"])) * h if "wg" in params else act(h)
+    ys = matmul(h, params["wo"])  # [N, D]
+    ys = jnp.where(row_valid[:, None], ys, 0)
+    inverse = jnp.where(row_valid, order, n)[:, None]  # [N, 1] assignment held by each sorted row
+    y = take_rows(ys, row_of_assignment, inverse).reshape(g, s, k, d)  # [G, S, K, D]
     w = jnp.where(decision.valid, decision.combine_weights, 0.0).astype(ys.dtype)
     return jnp.sum(y * w[..., None], axis=2)
 
@@ -301,16 +512,18 @@ def run_dropless(x, decision, experts, capacity=None, block_size=None, impl="blo
         raise ValueError("moe.dispatcher='dropless' cannot run a Soft MoE router (kind 'soft'): its slots are "
                          "dense mixtures of all tokens, there is no token->expert assignment to sort. Use "
                          "moe.dispatcher='einsum' (or 'scatter', which delegates to einsum).")
-    if impl == "ragged_dot":
+    if impl == "auto":
+        impl = default_dropless_impl()
+    if impl in SORTED_IMPLS:
         if decision.kind != "token_choice":
             raise ValueError("dispatcher='dropless' supports token-choice routers only.")
         params = {"wi": experts.wi, "wo": experts.wo}
         if experts.glu:
             params["wg"] = experts.wg
-        y = ragged_dot_experts(x, decision, params, experts.activation, experts.dtype)
+        y = ragged_dot_experts(x, decision, params, experts.activation, experts.dtype, impl)
         return DispatchResult(y, decision.valid, None)
     if impl != "blocks":
-        raise ValueError(f"MoEConfig.dropless_impl must be 'blocks' or 'ragged_dot', got {impl!r}.")
+        raise ValueError(f"MoEConfig.dropless_impl must be 'auto', 'grouped', 'blocks' or 'ragged_dot', got {impl!r}.")
     plan = make_dropless_plan(decision, block_size)
     yb = experts.blocks(dropless_dispatch(x, plan), plan.block_expert)
     return DispatchResult(dropless_combine(yb, plan), plan.kept, None)

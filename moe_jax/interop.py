@@ -57,8 +57,6 @@ Semantic differences found (the tests pin each one):
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np

@@ -59,12 +59,16 @@ class MoEConfig:
       router_init_std: std of the router's normal init.
     Capacity and dispatch:
       dispatcher: 'einsum', 'scatter', 'dropless' or 'auto' (fastest measured on the backend).
-      group_size: S, tokens per group; None = the sequence length. Must divide B*L.
+      group_size: S, tokens per group; None = the sequence length. Must divide B*L. 'auto': the sequence
+        length, except for dispatcher='einsum', whose cost grows with S: there the largest divisor of L up to
+        max(F/4, 4*E/K) (``dispatch.einsum_group_size``; smaller groups drop a little more).
       capacity_factor / eval_capacity_factor: train and eval ``cf`` in ``C = ceil(cf * K * S / E)``.
       capacity_multiple, min_capacity: rounding of C.
       slot_order: 'choice_major' (all first choices first; GShard) or 'token_major' (strictly causal).
       dropless_block_size: rows per block of the dropless layout; None = automatic.
-      dropless_impl: 'blocks' (CPU-friendly) or 'ragged_dot' (GPU).
+      dropless_impl: 'auto' (the fastest measured on the backend, ``dispatch.default_dropless_impl``:
+        'grouped' on CPU, 'ragged_dot' on GPU), 'grouped' (a loop of GEMMs over sorted rows), 'ragged_dot'
+        (``jax.lax.ragged_dot``) or 'blocks' (block-padded rows, weights gathered per block).
     Experts:
       expert_hidden: F. activation: 'gelu', 'relu', 'silu'. glu: gated (SwiGLU with silu).
       num_shared_experts, shared_expert_hidden: always-on experts (None width = F).
@@ -95,14 +99,14 @@ class MoEConfig:
     noise_eps: float = 1e-2
     router_init_std: float = 0.02
     dispatcher: str = "auto"
-    group_size: Optional[int] = None
+    group_size: Optional[Any] = None
     capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
     capacity_multiple: int = 1
     min_capacity: int = 1
     slot_order: str = "choice_major"
     dropless_block_size: Optional[int] = None
-    dropless_impl: str = "blocks"
+    dropless_impl: str = "auto"
     expert_hidden: int = 256
     activation: str = "gelu"
     glu: bool = False
@@ -141,6 +145,19 @@ class MoEConfig:
     def uses_capacity(self) -> bool:
         return self.resolved_dispatcher() != "dropless"
 
+    def resolved_group_size(self, seq_len: int) -> int:
+        """S for sequences of length ``seq_len`` (``group_size`` None -> L, 'auto' -> see the field doc)."""
+        if self.group_size == "auto":
+            if self.resolved_dispatcher() == "einsum":
+                return dispatch_lib.einsum_group_size(seq_len, self.num_experts, self.k, self.expert_hidden)
+            return seq_len
+        return self.group_size or seq_len
+
+    def resolved_dropless_impl(self) -> str:
+        if self.dropless_impl == "auto":
+            return dispatch_lib.default_dropless_impl()
+        return self.dropless_impl
+
     def resolved_dispatcher(self) -> str:
         return dispatch_lib.default_dispatcher() if self.dispatcher == "auto" else self.dispatcher
 
@@ -164,8 +181,9 @@ class MoEConfig:
             raise ValueError(f"moe.slot_order must be 'choice_major' or 'token_major', got {self.slot_order!r}.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"moe.activation: unknown {self.activation!r}; choose one of {sorted(ACTIVATIONS)}.")
-        if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"moe.group_size must be >= 1 or None, got {self.group_size}.")
+        if self.group_size is not None and self.group_size != "auto" and not (
+                isinstance(self.group_size, int) and self.group_size >= 1):
+            raise ValueError(f"moe.group_size must be an int >= 1, None or 'auto', got {self.group_size!r}.")
         if self.expert_hidden < 1:
             raise ValueError(f"moe.expert_hidden must be >= 1, got {self.expert_hidden}.")
         if self.resolved_dispatcher() == "dropless" and router_cls.kind != "token_choice":
@@ -305,7 +323,7 @@ class MoELayer(nn.Module):
         if x.ndim != 3:
             raise ValueError(f"MoELayer expects x of shape [B, L, D], got {x.shape}.")
         b, l, d = x.shape
-        s = cfg.group_size or l
+        s = cfg.resolved_group_size(l)
         t = b * l
         if t % s:
             raise ValueError(f"moe.group_size={s} does not divide the B*L={b}*{l}={t} tokens of the batch; choose "
@@ -338,15 +356,18 @@ class MoELayer(nn.Module):
         experts = BatchedExperts(cfg.num_experts, d, cfg.expert_hidden, cfg.activation, cfg.glu,
                                  dtype=self.dtype, name="experts")
         mesh = parallel.context_mesh()  # set by `with jax.set_mesh(mesh)`; see parallel.py
+        impl = cfg.resolved_dropless_impl()
         if mesh is None:
             result = dispatch_lib.get_dispatcher(dispatcher)(
                 xg.astype(self.dtype), decision, experts, capacity, slot_order=cfg.slot_order,
-                block_size=cfg.dropless_block_size, impl=cfg.dropless_impl)
+                block_size=cfg.dropless_block_size, impl=impl)
         else:
             parallel.check_layer_divisibility(mesh, cfg.num_experts, g, (b, l), s)
+            if impl == "grouped" and cfg.dropless_impl == "auto":
+                impl = "blocks"  # the expert-parallel dropless path runs 'blocks' or 'ragged_dot'
             result = parallel.run_expert_parallel(
                 xg.astype(self.dtype), decision, experts, capacity, dispatcher=dispatcher, mesh=mesh,
-                slot_order=cfg.slot_order, block_size=cfg.dropless_block_size, impl=cfg.dropless_impl)
+                slot_order=cfg.slot_order, block_size=cfg.dropless_block_size, impl=impl)
         y = result.y
         if cfg.num_shared_experts > 0:
             width = cfg.num_shared_experts * (cfg.shared_expert_hidden or cfg.expert_hidden)

@@ -334,6 +334,7 @@ for ax, i in zip(axes[0], layers):
                   [f"{c} ({np.sum(classes == c):,})" for c in class_names], fontsize=8)
     ax.set_xticks(range(E))
     ax.set_xlabel("expert")
+    ax.set_ylabel("kind of token (count)")
     ax.set_title(f"MoE block {i}")
 fig.colorbar(im, ax=axes[0].tolist(), label="share of the group's assignments (%)", shrink=0.8)
 fig.suptitle("Experts by kind of token (token count in brackets)")

@@ -210,13 +210,14 @@ batch = jnp.asarray(data_lib.eval_batches(token_data.val, int(dense_cfg.data.bat
 
 
 def logits_and_loss(model_cfg, variables):
-    logits, _ = Transformer(model_cfg).apply(variables, batch[:, :-1], train=False)
+    forward = jax.jit(lambda v, tokens: Transformer(model_cfg).apply(v, tokens, train=False)[0])  # one compile
+    logits = forward(variables, batch[:, :-1])
     return logits, float(cross_entropy(logits, batch[:, 1:]))
 
 
 def convert(cfg):
     target = validate_config(cfg, source.vocab_size)
-    fresh = init_variables(Transformer(target), jax.random.key(0), int(cfg.data.seq_len))
+    fresh = jax.jit(lambda key: init_variables(Transformer(target), key, int(cfg.data.seq_len)))(jax.random.key(0))
     variables, report = upcycle.convert_variables(src.params, source, target, fresh,
                                                   upcycle.ConvertOptions.from_config(cfg.init))
     return target, variables, report
@@ -225,6 +226,7 @@ def convert(cfg):
 dense_logits, dense_loss = logits_and_loss(source, {"params": src.params})
 exact_split = copy.deepcopy(targets.get("split_random") or target_config("split_random"))
 exact_split.model.moe.k = NUM_EXPERTS
+exact_split.model.moe.routed_scaling = float(NUM_EXPERTS)  # weights (1/E) / 1 * E = 1 for every expert
 exact_split.init.router = "zeros"
 checks = {"upcycle": targets.get("upcycle") or target_config("upcycle"),
           f"split_random, K=E={NUM_EXPERTS}, zero router": exact_split,

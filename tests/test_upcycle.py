@@ -139,6 +139,7 @@ def test_importance_balanced_partition_by_hand_and_bound():
 
 DENSE_CFG = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, d_ff=32, activation="silu", glu=True)
 TOKENS = (jnp.arange(40).reshape(4, 10) * 7) % 32
+MOE = dict(activation="silu", glu=True, dispatcher="dropless")
 
 
 @pytest.fixture(scope="module")
@@ -149,50 +150,66 @@ def dense():
     return variables["params"], logits
 
 
+def _fresh(model, seed=1):
+    """A stand-in for a fresh init without compiling one: N(0, 0.02) params of the right shapes, zero state."""
+    shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), 10))
+    rng = np.random.default_rng(seed)
+    fill = lambda coll: jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape) if coll == "params"
+                                                else np.zeros(s.shape)).astype(np.float32), shapes[coll])
+    return {coll: fill(coll) for coll in shapes}
+
+
 def _convert(dense_params, moe, opts, moe_every=1, importance=None):
     target = dataclasses.replace(DENSE_CFG, moe_every=moe_every, moe=moe)
     model = Transformer(target)
-    fresh = jax.jit(lambda k: init_variables(model, k, 10))(jax.random.key(1))
-    variables, report = U.convert_variables(dense_params, DENSE_CFG, target, fresh, opts, importance)
+    variables, report = U.convert_variables(dense_params, DENSE_CFG, target, _fresh(model), opts, importance)
     return model, variables, report
 
 
-MOE = dict(activation="silu", glu=True, dispatcher="dropless")
+@pytest.fixture(scope="module")
+def importance(dense):
+    """Taylor importances of the dense model's neurons over two identical one-token batches."""
+    return U.taylor_importance(Transformer(DENSE_CFG), dense[0], [np.array([[3, 5]], np.int32)] * 2)
 
 
 def test_upcycled_model_equals_dense(dense):
-    """Identical experts and combine weights summing to one: Mixtral's renormalized top-2 (fresh random router),
-    and top-1 via DeepSeek's softmax scores with routed_scaling=E and a zero router (weight (1/E)*E = 1)."""
+    """Identical experts and combine weights summing to one (Mixtral's renormalized top-2 with a random router):
+    the upcycled model's logits are the dense model's."""
     params, ref = dense
     moe = MoEConfig(num_experts=4, k=2, router="mixtral", expert_hidden=32, **MOE)
     model, variables, report = _convert(params, moe, U.ConvertOptions("upcycle"), moe_every=2)
     assert [r["method"] for r in report] == ["copy", "upcycle"]
-    np.testing.assert_allclose(jax.jit(model.apply)(variables, TOKENS)[0], ref, rtol=1e-5, atol=1e-5)
-    moe = MoEConfig(num_experts=4, k=1, router="deepseek", score_func="softmax", renormalize_top_k=False,
-                    routed_scaling=4.0, bias_update_rate=0.0, expert_hidden=32, **MOE)
-    model, variables, _ = _convert(params, moe, U.ConvertOptions("upcycle", router="zeros"))
+    kernel = variables["params"]["block_1"]["moe"]["router"]["gate"]["kernel"]
+    assert np.std(kernel) > 0.01  # the fresh (random) router of the target is kept
+    np.testing.assert_array_equal(variables["params"]["block_0"]["attn"]["query"]["kernel"],
+                                  params["block_0"]["attn"]["query"]["kernel"])
     np.testing.assert_allclose(jax.jit(model.apply)(variables, TOKENS)[0], ref, rtol=1e-5, atol=1e-5)
 
 
-def test_upcycled_switch_layer_scales_the_ffn_by_its_top1_probability():
-    """K=1 with softmax weights is not function preserving: the layer computes p_top1(x) * FFN(x) exactly."""
+def test_upcycled_layers_top1_scales_and_deepseek_unit_weight():
+    """K=1 with softmax weights (Switch) is not function preserving: the layer computes p_top1(x) * FFN(x).
+    DeepSeek's softmax scores with routed_scaling=E and a zero router give weight (1/E) * E = 1: exact."""
     rng = np.random.default_rng(0)
     ffn = {"wi": rng.standard_normal((8, 16)).astype(np.float32), "wo": rng.standard_normal((16, 8)).astype(np.float32)}
-    cfg = MoEConfig(num_experts=4, k=1, router="switch", jitter_eps=0.0, expert_hidden=16, dispatcher="dropless")
-    kernel = rng.standard_normal((8, 4)).astype(np.float32)
-    variables = {"params": {"router": {"gate": {"kernel": kernel}}, "experts": U.upcycle_ffn(ffn, 4)}}
     x = rng.standard_normal((2, 5, 8)).astype(np.float32)
-    y, _ = MoELayer(cfg).apply(variables, x)
+    dense = ffn_apply(ffn, x, "gelu", *DENSE, jnp.float32)
+    kernel = rng.standard_normal((8, 4)).astype(np.float32)
+    cfg = MoEConfig(num_experts=4, k=1, router="switch", jitter_eps=0.0, expert_hidden=16, dispatcher="dropless")
+    variables = {"params": {"router": {"gate": {"kernel": kernel}}, "experts": U.upcycle_ffn(ffn, 4)}}
+    y, _ = jax.jit(MoELayer(cfg).apply)(variables, x)
     p_top1 = np.max(jax.nn.softmax(x @ kernel), axis=-1, keepdims=True)
-    np.testing.assert_allclose(y, p_top1 * ffn_apply(ffn, x, "gelu", *DENSE, jnp.float32), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, p_top1 * dense, rtol=1e-5, atol=1e-6)
+    cfg = dataclasses.replace(cfg, router="deepseek", score_func="softmax", renormalize_top_k=False,
+                              routed_scaling=4.0, bias_update_rate=0.0)
+    variables["params"]["router"]["gate"]["kernel"] = np.zeros_like(kernel)
+    y, _ = jax.jit(MoELayer(cfg).apply)({**variables, "moe_state": {"router": {"expert_bias": np.zeros(4, np.float32)}}}, x)
+    np.testing.assert_allclose(y, dense, rtol=1e-6, atol=1e-6)
 
 
-def test_split_model_with_unit_weights_equals_dense(dense):
+def test_split_model_with_unit_weights_equals_dense(dense, importance):
     """K = E experts and a zero softmax router: every weight is (1/E) / 1 * routed_scaling(E) = 1, so the split
-    model computes the dense model; random, k-means and importance partitions, and inner sharing."""
+    model computes the dense model, for random, k-means and importance partitions."""
     params, ref = dense
-    batch = np.asarray(jnp.concatenate([TOKENS, TOKENS[:, :1]], axis=1))
-    importance = U.taylor_importance(Transformer(DENSE_CFG), params, [batch])
     moe = MoEConfig(num_experts=4, k=4, router="deepseek", score_func="softmax", routed_scaling=4.0,
                     bias_update_rate=0.0, expert_hidden=8, **MOE)
     apply = None
@@ -202,12 +219,6 @@ def test_split_model_with_unit_weights_equals_dense(dense):
         apply = apply or jax.jit(model.apply)  # one compile for the three (same shapes)
         assert all(sorted(sum(r["partition"], [])) == list(range(32)) for r in report)
         np.testing.assert_allclose(apply(variables, TOKENS)[0], ref, rtol=1e-5, atol=1e-5, err_msg=method)
-    shared = dataclasses.replace(moe, expert_hidden=6, num_shared_experts=1, shared_expert_hidden=8)
-    model, variables, report = _convert(params, shared, U.ConvertOptions("split_importance", router="zeros"),
-                                        importance=importance)
-    for r in report:  # the shared expert holds the 8 most important neurons
-        assert set(r["shared"]) == set(np.argsort(-importance[r["block"]])[:8].tolist())
-    np.testing.assert_allclose(jax.jit(model.apply)(variables, TOKENS)[0], ref, rtol=1e-5, atol=1e-5)
     # k-means with the centroid router: column e = mean input (gate) vector of expert e's neurons.
     _, variables, report = _convert(params, dataclasses.replace(moe, k=2, routed_scaling=2.0),
                                     U.ConvertOptions("split_kmeans"))
@@ -217,23 +228,41 @@ def test_split_model_with_unit_weights_equals_dense(dense):
     assert report[0]["router"] == "centroids"
 
 
-def test_taylor_importance_equals_the_weight_gradient_identity():
+def test_inner_sharing_layer_equals_dense_ffn(dense, importance):
+    """LLaMA-MoE inner sharing: the 8 most important neurons form the shared expert, the other 24 are split
+    into 4 importance-balanced experts; with K = E and unit weights the MoE layer is the block's dense FFN."""
+    params, _ = dense
+    moe = MoEConfig(num_experts=4, k=4, router="deepseek", score_func="softmax", routed_scaling=4.0,
+                    bias_update_rate=0.0, expert_hidden=6, num_shared_experts=1, shared_expert_hidden=8, **MOE)
+    _, variables, report = _convert(params, moe, U.ConvertOptions("split_importance", router="zeros"),
+                                    importance=importance)
+    for r in report:
+        imp = importance[r["block"]]
+        assert set(r["shared"]) == set(np.argsort(-imp)[:8].tolist())
+        totals = np.array(r["expert_importance"])
+        assert totals.max() - totals.min() <= imp.max()
+    x = np.random.default_rng(0).standard_normal((2, 10, 16)).astype(np.float32)
+    layer = {"params": variables["params"]["block_0"]["moe"], "moe_state": variables["moe_state"]["block_0"]["moe"]}
+    y, _ = jax.jit(MoELayer(moe).apply)(layer, x)
+    expected = ffn_apply(params["block_0"]["ffn"], x, "silu", *DENSE, jnp.float32)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_taylor_importance_equals_the_weight_gradient_identity(dense, importance):
     """One token per sequence: I_n = |h_n dL/dh_n| = |sum_d wo[n, d] dL/dwo[n, d]| (dL/dwo = h^T dL/dy)."""
-    cfg = dataclasses.replace(DENSE_CFG, activation="gelu", glu=False)
-    model = Transformer(cfg)
-    params = init_variables(model, jax.random.key(2), 1)["params"]
+    params, _ = dense
+    model = Transformer(DENSE_CFG)
     batch = np.array([[3, 5]], np.int32)  # B = 1, L = 1
 
     def loss(p):
         logits = model.apply({"params": p}, batch[:, :1])[0]
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
-    grads = jax.grad(loss)(params)
-    importance = U.taylor_importance(model, params, [batch, batch])
-    for i in range(cfg.num_layers):
+    grads = jax.jit(jax.grad(loss))(params)
+    for i in range(DENSE_CFG.num_layers):
         wo, g = params[f"block_{i}"]["ffn"]["wo"], grads[f"block_{i}"]["ffn"]["wo"]
         expected = 2 * np.abs(np.sum(np.asarray(wo) * np.asarray(g), axis=1))  # two identical batches
-        np.testing.assert_allclose(importance[i], expected, rtol=2e-4, atol=1e-9)
+        np.testing.assert_allclose(importance[i], expected, rtol=2e-4, atol=1e-12)
         assert importance[i].shape == (32,) and np.all(importance[i] > 0)
 
 
@@ -257,6 +286,35 @@ def test_conversion_errors_name_the_field(dense):
         U.convert_variables(params, DENSE_CFG, other, {"params": {}}, U.ConvertOptions("upcycle"))
     with pytest.raises(ValueError, match=r"init\.from_dir=.*holds no checkpoints/ folder"):
         U.read_run("/nonexistent/run")
+
+
+def test_study_configs_validate_and_init_refs():
+    from configs import compare_upcycle
+    from moe_jax import train as train_lib
+    from moe_jax.compare import model_configs, resolve_init_ref
+
+    for spec in ("", "tiny", "tiny,3,5"):
+        cmp_cfg = compare_upcycle.get_config(spec)
+        configs = model_configs(cmp_cfg)
+        for name, cfg in configs.items():
+            train_lib.validate_config(cfg)
+            assert (cfg.init.from_dir == "@dense") == (name in (
+                "upcycle", "split_random", "split_kmeans", "split_importance", "split_shared"))
+        assert cmp_cfg.base.train.ckpt_every == configs["upcycle"].init.step  # the dense checkpoint at N is kept
+    assert compare_upcycle.get_config("tiny,3,5").base.train.steps == 8
+    with pytest.raises(ValueError, match="write SIZE,N,M"):
+        compare_upcycle.get_config("tiny,3")
+    names = list(configs)
+    cfg = configs["upcycle"]
+    resolve_init_ref(cfg, "upcycle", names, "/runs", 0)
+    assert cfg.init.from_dir == "/runs/dense/seed0"
+    configs["dense"].init.from_dir = "@upcycle"
+    with pytest.raises(ValueError, match=r"models\.dense\.init\.from_dir='@upcycle' must name a model listed before"):
+        resolve_init_ref(configs["dense"], "dense", names, "/runs", 0)
+    bad = configs["split_random"]
+    bad.init.method = "splt"
+    with pytest.raises(ValueError, match=r"init\.method: unknown 'splt'"):
+        train_lib.validate_config(bad)
 
 
 # ------------------------------------------------------------------------------------ the study, end to end
@@ -350,3 +408,9 @@ def test_upcycle_study_tiny_end_to_end(tmp_path):
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(state.opt_state))  # reset: zeros, count 0
     with pytest.raises(ValueError, match="already holds checkpoints"):
         upcycle_checkpoint(cfg, run("dense"), str(tmp_path / "cli"))
+    # init.method='copy' with restart_step: the dense params themselves, at step 0, data order from the start.
+    dense_cfg = source.model_config()
+    initial = U.initial_from_source({"from_dir": run("dense"), "step": N, "method": "copy", "restart_step": True},
+                                    dense_cfg, {"params": source.params})
+    assert (initial.step, initial.data_state, initial.meta) == (0, None, {"elapsed_s": 0.0, "flops": 0.0})
+    jax.tree.map(np.testing.assert_array_equal, initial.variables["params"], source.params)
