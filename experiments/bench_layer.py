@@ -73,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: T=1024, L=256, D=128, F=256, 2 repeats")
     p.add_argument("--matmul", action="store_true",
                    help="also time one dense matmul of the same FLOPs as each K's dense FFN (GPU roofline)")
+    p.add_argument("--gemm-calls", action="store_true",
+                   help="instead: time one expert's GEMMs ([t, D] x [D, F] forward, [D, t] x [t, F] weight "
+                        "gradient) for t = 32..1024 rows, per call (the per-expert fixed cost)")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     p.add_argument("--no-pin", action="store_true", help="do not set single-thread XLA CPU flags")
     args = p.parse_args(argv)
@@ -97,6 +100,8 @@ def main(argv=None):
 
     backend = jax.default_backend()
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    if args.gemm_calls:
+        return gemm_calls(args, dtype)
     experts_list = [int(v) for v in args.experts.split(",")]
     k_list = [int(v) for v in args.k.split(",")]
     if args.dispatchers:
@@ -235,6 +240,35 @@ def main(argv=None):
         with open(args.json, "w") as fh:
             json.dump(dict(args=vars(args), machine=machine, jax=jax.__version__, rows=rows), fh, indent=1)
     return rows
+
+
+def gemm_calls(args, dtype):
+    """Per-call time of the GEMMs of one expert, ``n`` experts in a ``lax.map`` (one plain 2-D dot each)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    d, f, n = args.d_model, args.hidden, 32
+    w = jax.random.normal(jax.random.key(1), (n, d, f), jnp.float32).astype(dtype)
+    fns = []
+    for t in (32, 64, 128, 256, 512, 1024):
+        x = jax.random.normal(jax.random.key(0), (n, t, d), jnp.float32).astype(dtype)
+        h = jax.random.normal(jax.random.key(2), (n, t, f), jnp.float32).astype(dtype)
+        fns.append((t, "x @ w", jax.jit(lambda x, w: jax.lax.map(lambda a: a[0] @ a[1], (x, w))), (x, w)))
+        fns.append((t, "x^T @ dh", jax.jit(lambda x, h: jax.lax.map(lambda a: a[0].T @ a[1], (x, h))), (x, h)))
+    for *_, fn, a in fns:
+        jax.block_until_ready(fn(*a))
+    cpu = {i: [] for i in range(len(fns))}
+    for _ in range(args.repeats):
+        for i, (*_, fn, a) in enumerate(fns):
+            c0 = time.process_time()
+            jax.block_until_ready(fn(*a))
+            cpu[i].append(time.process_time() - c0)
+    print(f"| rows t | GEMM | CPU ms per call | µs per row | GFLOP/s |\n|---:|---|---:|---:|---:|")
+    for i, (t, name, _, _) in enumerate(fns):
+        per_call = float(np.median(cpu[i])) / n
+        print(f"| {t} | {name} ([{t},{d}]·[{d},{f}] resp. [{d},{t}]·[{t},{f}]) | {per_call * 1e3:.3f} | "
+              f"{per_call / t * 1e6:.1f} | {2 * t * d * f / per_call / 1e9:.0f} |")
 
 
 def markdown(rows, args, cpu=True) -> str:

@@ -67,7 +67,7 @@ class MoEConfig:
       slot_order: 'choice_major' (all first choices first; GShard) or 'token_major' (strictly causal).
       dropless_block_size: rows per block of the dropless layout; None = automatic.
       dropless_impl: 'auto' (the fastest measured on the backend, ``dispatch.default_dropless_impl``:
-        'grouped' on CPU, 'ragged_dot' on GPU), 'grouped' (a loop of GEMMs over sorted rows), 'ragged_dot'
+        'grouped' on CPU, 'blocks' on GPU), 'grouped' (a loop of GEMMs over sorted rows), 'ragged_dot'
         (``jax.lax.ragged_dot``) or 'blocks' (block-padded rows, weights gathered per block).
     Experts:
       expert_hidden: F. activation: 'gelu', 'relu', 'silu'. glu: gated (SwiGLU with silu).

@@ -357,6 +357,12 @@ fig.suptitle(f"mixtral top-2 at capacity factor 0.75 (C={tight}): kept (green) a
 plt.show()
 
 # %% [markdown]
+# Under `choice_major`, a second choice of an *early* token can be dropped because *later* tokens' first
+# choices filled the expert first: the early token's output depends on the future, which a causal language
+# model must not allow. Under `token_major` whether token `s` keeps an assignment depends only on tokens
+# `<= s`. This is why `MoEConfig.validate(causal=True)` asks for `slot_order='token_major'` when `K >= 2`.
+
+# %% [markdown]
 # ## The load-balancing loss and the z-loss against imbalance
 #
 # Start from random, nearly balanced logits and add a growing bias `b` to expert 0's logit: more and more

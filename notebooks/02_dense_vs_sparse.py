@@ -98,9 +98,8 @@ RESULTS_DIR = None  # committed results to show; None: <checkout>/docs/results
 
 # %%
 import glob
-import json
-import math
 import os
+import re
 
 import jax
 import matplotlib.pyplot as plt
@@ -249,8 +248,8 @@ for n, s in summaries.items():
 # ## The committed full results
 #
 # `experiments/compare.py --config configs/compare_<study>.py` copies each study's table and plots into
-# `docs/results/<study>/` (the commands are in each `results.md`). Shown here if this is a checkout that
-# has them.
+# `docs/results/<study>/`; `docs/results/README.md` gives each study's command and what it found. Shown here
+# if this is a checkout that has them.
 
 # %%
 results_dir = RESULTS_DIR or (os.path.join(ROOT, "docs", "results") if ROOT else None)
@@ -260,9 +259,20 @@ if not studies:
           "Produce them with e.g.\n"
           "    python experiments/compare.py --config configs/compare_headline.py --workdir runs/headline\n"
           "(the quick version: --config configs/compare_quick.py, about 5-10 minutes on 2 CPU cores).")
+def local_markdown(path):
+    """A committed Markdown file, its embedded images dropped (shown below as files) and its relative links
+    written out as paths (they would not resolve from this notebook's folder)."""
+    text = re.sub(r"!\[[^\]]*\]\([^)]*\)", "", open(path).read())
+    folder = os.path.relpath(os.path.dirname(path), ROOT or os.getcwd())
+    return re.sub(r"\[([^\]]+)\]\((?!https?:)([^)]+)\)", lambda m: f"{m[1]} (`{folder}/{m[2]}`)", text)
+
+
+overview = os.path.join(results_dir, "README.md") if results_dir else ""
+if studies and os.path.exists(overview):  # the overview: what each study is, its command, the findings
+    display(Markdown(local_markdown(overview)))
 for path in studies:
     folder = os.path.dirname(path)
-    display(Markdown(f"### `{os.path.relpath(folder, results_dir)}`\n\n" + open(path).read()))
+    display(Markdown(f"### `{os.path.relpath(folder, results_dir)}`\n\n" + local_markdown(path)))
     for png in sorted(glob.glob(os.path.join(folder, "*.png"))):
         print(os.path.basename(png))
         display(Image(filename=png, width=640))

@@ -125,13 +125,13 @@ if not os.path.isdir(os.path.join(run_dir, "checkpoints")) or not os.listdir(os.
         raise FileNotFoundError(f"CHECKPOINT_DIR={CHECKPOINT_DIR!r} holds no checkpoints/: give the --workdir of "
                                 "a finished training run, or None to train a small MoE here.")
     print(f"no checkpoint in {run_dir}: training a '{SIZE}' Switch model for {TRAIN_STEPS} steps")
-    cfg = switch_top1.get_config(SIZE)
+    cfg = switch_top1.get_config(SIZE)  # the run notebook 02 makes with its default settings
     cfg.train.steps = TRAIN_STEPS
     cfg.train.warmup_steps = min(int(cfg.train.warmup_steps), max(1, TRAIN_STEPS // 10))
-    cfg.train.eval_every = 0
-    cfg.train.log_every = max(1, TRAIN_STEPS // 20)
+    cfg.train.eval_every = 25
+    cfg.train.log_every = max(1, min(25, TRAIN_STEPS // 20))
     cfg.train.ckpt_every = 0
-    cfg.train.sample_tokens = 0
+    cfg.train.sample_tokens = 100
     train(cfg, run_dir)
 
 config, model, variables, tokenizer, step = load_checkpoint(run_dir)
@@ -268,6 +268,11 @@ for i in layers:
     display(Markdown("\n".join(lines)))
 
 # %% [markdown]
+# When we ran this on the `tiny` byte-level Switch model of notebook 02 (200 steps, seed 0), the experts of its
+# one MoE layer had divided the characters among themselves: one took spaces, one newlines and punctuation,
+# one mostly vowels, others groups of consonants or capitals. Which expert gets which group changes with the
+# seed, and a different model may split differently.
+#
 # ## Heat map: `P(expert | token)`
 #
 # Rows: the `HEATMAP_TOKENS` most frequent tokens of the validation text; columns: experts; colour: the
@@ -349,7 +354,8 @@ plt.show()
 # %%
 b, l = int(config.data.batch_size), int(config.data.seq_len)
 text_ids = np.asarray(token_data.val[: b * l], np.int32).reshape(b, l)
-text_first = {i: np.asarray(f).reshape(-1) for i, (_, f) in jax.device_get(route(variables, jnp.asarray(text_ids))).items()}
+routed_text = jax.device_get(route(variables, jnp.asarray(text_ids)))
+text_first = {i: np.asarray(f).reshape(-1) for i, (_, f) in routed_text.items()}  # {block: [B*L]}
 palette = plt.get_cmap("tab10" if E <= 10 else "tab20")
 colour = lambda e: "#%02x%02x%02x" % tuple(int(255 * c) for c in palette(e % palette.N)[:3])
 legend = " ".join(f'<span style="background:{colour(e)};color:white;padding:0 4px">expert {e}</span>'

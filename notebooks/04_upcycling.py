@@ -102,7 +102,6 @@ METHODS = ("copy", "upcycle", "split_random", "split_kmeans")  # 'copy': the den
 
 # %%
 import copy
-import json
 import os
 
 import jax
@@ -129,13 +128,13 @@ if not (os.path.isdir(ckpts) and os.listdir(ckpts)):
         raise FileNotFoundError(f"DENSE_DIR={DENSE_DIR!r} holds no checkpoints/: give the --workdir of a finished "
                                 "dense training run, or None to train one here.")
     print(f"no checkpoint in {dense_dir}: training a '{SIZE}' dense model for {DENSE_STEPS} steps")
-    cfg = dense.get_config(SIZE)
+    cfg = dense.get_config(SIZE)  # the run notebook 02 makes with its default settings
     cfg.train.steps = DENSE_STEPS
     cfg.train.warmup_steps = min(int(cfg.train.warmup_steps), max(1, DENSE_STEPS // 10))
-    cfg.train.eval_every = EVAL_EVERY
-    cfg.train.log_every = max(1, DENSE_STEPS // 20)
+    cfg.train.eval_every = 25
+    cfg.train.log_every = max(1, min(25, DENSE_STEPS // 20))
     cfg.train.ckpt_every = 0
-    cfg.train.sample_tokens = 0
+    cfg.train.sample_tokens = 100
     train(cfg, dense_dir)
 
 src = upcycle.read_run(dense_dir)  # params, step and resolved config of the latest checkpoint

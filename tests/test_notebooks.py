@@ -13,6 +13,7 @@ Jupyter with jupytext installed, which saves both), then clear outputs before co
 import ast
 import glob
 import os
+import re
 import time
 
 import jupytext
@@ -167,7 +168,7 @@ def test_notebooks_run(tmp_path):
         try:
             nb = _run(name, workdir)
         except nbclient.exceptions.CellExecutionError as e:
-            failures.append(f"{name}: {str(e)[-3000:]}")
+            failures.append(f"{name}: {re.sub(chr(27) + r'[[][0-9;]*m', '', str(e))[-3000:]}")  # no colour codes
             continue
         except Exception as e:  # noqa: BLE001 - kernel death, timeout: report and go on with the next one
             failures.append(f"{name}: {type(e).__name__}: {e}")
