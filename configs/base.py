@@ -128,10 +128,10 @@ def make_config(size: Optional[str] = None, *, model: Optional[Dict[str, Any]] =
     c = base_config()
     for section, values in SIZES[size].items():
         c[section].update(values)
-    c.model.moe.expert_hidden = c.model.d_ff
     for section, values in (("data", data), ("model", model), ("train", train)):
         if values:
             c[section].update(values)
+    c.model.moe.expert_hidden = c.model.d_ff  # after the model overrides, so it follows an overridden d_ff
     if moe:
         c.model.moe.update(moe)
     return c

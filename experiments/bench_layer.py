@@ -254,8 +254,8 @@ def gemm_calls(args, dtype):
     for t in (32, 64, 128, 256, 512, 1024):
         x = jax.random.normal(jax.random.key(0), (n, t, d), jnp.float32).astype(dtype)
         h = jax.random.normal(jax.random.key(2), (n, t, f), jnp.float32).astype(dtype)
-        fns.append((t, "x @ w", jax.jit(lambda x, w: jax.lax.map(lambda a: a[0] @ a[1], (x, w))), (x, w)))
-        fns.append((t, "x^T @ dh", jax.jit(lambda x, h: jax.lax.map(lambda a: a[0].T @ a[1], (x, h))), (x, h)))
+        fns.append((t, f"x @ w, [{t},{d}]·[{d},{f}]", jax.jit(lambda x, w: jax.lax.map(lambda a: a[0] @ a[1], (x, w))), (x, w)))
+        fns.append((t, f"x^T @ dh, [{d},{t}]·[{t},{f}]", jax.jit(lambda x, h: jax.lax.map(lambda a: a[0].T @ a[1], (x, h))), (x, h)))
     for *_, fn, a in fns:
         jax.block_until_ready(fn(*a))
     cpu = {i: [] for i in range(len(fns))}
@@ -267,7 +267,7 @@ def gemm_calls(args, dtype):
     print(f"| rows t | GEMM | CPU ms per call | µs per row | GFLOP/s |\n|---:|---|---:|---:|---:|")
     for i, (t, name, _, _) in enumerate(fns):
         per_call = float(np.median(cpu[i])) / n
-        print(f"| {t} | {name} ([{t},{d}]·[{d},{f}] resp. [{d},{t}]·[{t},{f}]) | {per_call * 1e3:.3f} | "
+        print(f"| {t} | {name} | {per_call * 1e3:.3f} | "
               f"{per_call / t * 1e6:.1f} | {2 * t * d * f / per_call / 1e9:.0f} |")
 
 
