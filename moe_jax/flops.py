@@ -70,7 +70,7 @@ def _moe_nonrouted_params(cfg: ModelConfig, seq_len: int) -> int:
     """Parameters of one MoE layer other than the routed experts (router + shared experts + anything a router
     adds), from the module's own abstract init (``jax.eval_shape``: no computation)."""
     layer = MoELayer(cfg.moe, causal=True)
-    s = cfg.moe.group_size or seq_len
+    s = cfg.moe.resolved_group_size(seq_len)  # None -> L; 'auto' -> per dispatcher
     x = jax.ShapeDtypeStruct((1, s, cfg.d_model), jnp.float32)
     ids = jax.ShapeDtypeStruct((1, s), jnp.int32)
     shapes = jax.eval_shape(lambda x, ids: layer.init({"params": jax.random.key(0), "router": jax.random.key(1)},
@@ -100,7 +100,7 @@ def count_model(cfg: ModelConfig, seq_len: int) -> ModelCounts:
         m = cfg.moe
         per_expert = mult(m.glu) * d * m.expert_hidden
         routed = n_moe * m.num_experts * per_expert
-        s = m.group_size or seq_len
+        s = m.resolved_group_size(seq_len)
         soft = routing.get_router_class(m.router).kind == "soft"
         # Expert evaluations per token: K (token choice; expert choice: the capacity factor c), or for Soft
         # MoE E * num_slots slots shared by the S tokens of a group.
