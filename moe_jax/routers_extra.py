@@ -157,7 +157,7 @@ class BaseRouter(Router):
         if not config.base_eps > 0:
             raise ValueError(f"moe.base_eps must be > 0 (relative auction bid step, e.g. 1e-3), got "
                              f"{config.base_eps}.")
-        if config.group_size is not None and config.group_size % config.num_experts:
+        if isinstance(config.group_size, int) and config.group_size % config.num_experts:
             raise ValueError(f"moe.group_size={config.group_size} is not a multiple of moe.num_experts="
                              f"{config.num_experts}: BASE gives every expert exactly group_size/num_experts "
                              "tokens. Change group_size or num_experts.")

@@ -183,7 +183,8 @@ def test_dropless_matches_loop_reference(case):
     ref = _loss_fn(case, arrays, [_reference_runner(case)], jit=False)(x, params, w0)[0]
     # capacity=None in the reference: every valid assignment is kept
     np.testing.assert_array_equal(np.asarray(ref[0][1][1]), arrays["valid"])
-    variants = [dict(impl="blocks"), dict(impl="blocks", block_size=2), dict(impl="ragged_dot")]
+    variants = [dict(impl="blocks"), dict(impl="blocks", block_size=2), dict(impl="ragged_dot"),
+                dict(impl="grouped")]
     outs = _loss_fn(case, arrays, [_dispatcher_runner(case, "dropless", **kw) for kw in variants])(x, params, w0)
     for out in outs:
         _assert_same(case, ref, out)
