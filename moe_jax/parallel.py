@@ -707,7 +707,9 @@ def _dropless_ep(x: Array, decision: RoutingDecision, params: Dict[str, Array], 
         yb = ffn_apply(gathered, xb, activation, "nbd,ndf->nbf", "nbf,nfd->nbd", dtype)
         y_recv = dispatch_lib.dropless_combine(yb, plan)  # [1, n*N_l, D]
     else:
-        raise ValueError(f"moe.dropless_impl must be 'blocks' or 'ragged_dot', got {impl!r}.")
+        # 'grouped' loops with carries that shard_map's varying-axis types reject; not supported here yet.
+        raise ValueError(f"moe.dropless_impl={impl!r} under a device mesh: the expert-parallel dropless path runs "
+                         "'blocks' or 'ragged_dot' (or 'auto', which picks 'blocks' there).")
     if f_axes:
         y_recv = jax.lax.psum(y_recv, f_axes)
     y_recv = y_recv.reshape(n_ep, n, d)

@@ -144,6 +144,8 @@ LAYER_CASES = {
     # dropless with ragged_dot, GLU experts, a shared expert, EP 2 x DP 2 x TP 2
     "dropless_ragged_glu_shared": (dict(router="mixtral", k=2, dispatcher="dropless", dropless_impl="ragged_dot",
                                         glu=True, activation="silu", num_shared_experts=1), (2, 2, 2)),
+    # dropless with the block-padded layout (the train-step case above runs the default, 'grouped' on CPU), EP 4
+    "dropless_blocks": (dict(router="top_k", k=1, dispatcher="dropless", dropless_impl="blocks"), (2, 4, 1)),
     # einsum, two groups per sequence (group_size=4), choice-major priority, EP 8
     "einsum_groups_of_4": (dict(router="top_k", k=2, dispatcher="einsum", group_size=4), (1, 8, 1)),
 }
