@@ -429,14 +429,16 @@ grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 SORTED_IMPLS = ("ragged_dot", "grouped")
 
 
-def default_dropless_impl(backend: Optional[str] = None) -> str:
+def default_dropless_impl(backend: Optional[str] = None, sharded: bool = False) -> str:
     """What ``MoEConfig.dropless_impl='auto'`` resolves to (the fastest measured there, see docs/perf.md):
     ``'grouped'`` on CPU (``grouped_matmul``), ``'blocks'`` elsewhere. On an H100 with jax 0.11.2 the
     ``'blocks'`` layout beat ``'ragged_dot'`` (forward+backward, bf16, T=8192: 1.5 vs 2.9 ms at E=8, 3.2 vs
     17.4 ms at E=64): the transpose of ``ragged_dot`` (the weight gradient) lowers to a dense masked
-    ``[E, N, F]`` product there. ``'grouped'`` is a loop of small kernels, for CPU only."""
+    ``[E, N, F]`` product there. ``'grouped'`` is a loop of small kernels, for CPU only.
+    Under a device mesh (``sharded``) it is ``'blocks'``: the expert-parallel path runs ``'blocks'`` or
+    ``'ragged_dot'`` (``grouped``'s loop carries are rejected by shard_map's varying-axis types)."""
     backend = backend or jax.default_backend()
-    return "grouped" if backend == "cpu" else "blocks"
+    return "grouped" if backend == "cpu" and not sharded else "blocks"
 
 
 def ragged_dot_experts(x: Array, decision: RoutingDecision, params: Dict[str, Array], activation: str,
@@ -525,10 +527,7 @@ def run_dropless(x, decision, experts, capacity=None, block_size=None, impl="blo
     if impl in SORTED_IMPLS:
         if decision.kind != "token_choice":
             raise ValueError("dispatcher='dropless' supports token-choice routers only.")
-        params = {"wi": experts.wi, "wo": experts.wo}
-        if experts.glu:
-            params["wg"] = experts.wg
-        y = ragged_dot_experts(x, decision, params, experts.activation, experts.dtype, impl)
+        y = ragged_dot_experts(x, decision, experts.params(x.shape[-1]), experts.activation, experts.dtype, impl)
         return DispatchResult(y, decision.valid, None)
     if impl != "blocks":
         raise ValueError(f"MoEConfig.dropless_impl must be 'auto', 'grouped', 'blocks' or 'ragged_dot', got {impl!r}.")

@@ -14,7 +14,7 @@ else ``y = act(x wi) wo``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
 import jax
@@ -96,8 +96,10 @@ class BatchedExperts(nn.Module):
         self.wg = self.param("wg", init, (e, d, f), self.param_dtype) if self.glu else None
         self.wo = self.param("wo", init, (e, f, d), self.param_dtype)
 
-    def _params(self, d: int) -> Dict[str, Array]:
-        if d != self.d_model:
+    def params(self, d: Optional[int] = None) -> Dict[str, Array]:
+        """The stacked weights ``{'wi', ('wg',) 'wo'}`` (for layouts implemented outside this module:
+        sorted dropless, expert parallelism). ``d``: the input width, checked against ``d_model``."""
+        if d is not None and d != self.d_model:
             raise ValueError(f"BatchedExperts: input width {d} != d_model {self.d_model}.")
         params = {"wi": self.wi, "wo": self.wo}
         if self.glu:
@@ -105,15 +107,15 @@ class BatchedExperts(nn.Module):
         return params
 
     def __call__(self, x: Array) -> Array:
-        params = self._params(x.shape[-1])
+        params = self.params(x.shape[-1])
         return ffn_apply(params, x, self.activation, "end,edf->enf", "enf,efd->end", self.dtype)
 
     def blocks(self, x: Array, block_expert: Array) -> Array:
-        params = self._params(x.shape[-1])
+        params = self.params(x.shape[-1])
         gathered = {k: jnp.take(v, block_expert, axis=0) for k, v in params.items()}  # [NB, ...]
         return ffn_apply(gathered, x, self.activation, "nbd,ndf->nbf", "nbf,nfd->nbd", self.dtype)
 
     def one(self, e: int, x: Array) -> Array:
-        params = self._params(x.shape[-1])
+        params = self.params(x.shape[-1])
         single = {k: v[e] for k, v in params.items()}
         return ffn_apply(single, x, self.activation, "d,df->f", "f,fd->d", self.dtype)

@@ -153,9 +153,9 @@ class MoEConfig:
             return seq_len
         return self.group_size or seq_len
 
-    def resolved_dropless_impl(self) -> str:
+    def resolved_dropless_impl(self, sharded: bool = False) -> str:
         if self.dropless_impl == "auto":
-            return dispatch_lib.default_dropless_impl()
+            return dispatch_lib.default_dropless_impl(sharded=sharded)
         return self.dropless_impl
 
     def resolved_dispatcher(self) -> str:
@@ -343,28 +343,27 @@ class MoELayer(nn.Module):
         mg = mask.reshape(g, s).astype(bool)  # [G, S]
         tg = None if token_ids is None else token_ids.reshape(g, s)
         dispatcher = cfg.resolved_dispatcher()
+        router_cls = routing.get_router_class(cfg.router)
         if dispatcher == "dropless":
             capacity = None
         else:
             # Expert choice keeps its training capacity at eval: for it C is not a drop limit but the number of
             # tokens each expert computes, and changing it changes the function.
-            keep_train_cf = train or routing.get_router_class(cfg.router).kind == "expert_choice"
+            keep_train_cf = train or router_cls.kind == "expert_choice"
             cf = cfg.capacity_factor if keep_train_cf else cfg.eval_capacity_factor
             capacity = compute_capacity(s, cfg.num_experts, cfg.k, cf, cfg.capacity_multiple, cfg.min_capacity)
-        router = routing.get_router_class(cfg.router)(cfg, name="router")
+        router = router_cls(cfg, name="router")
         decision = router(xg, mg, capacity=capacity, train=train, token_ids=tg)
         experts = BatchedExperts(cfg.num_experts, d, cfg.expert_hidden, cfg.activation, cfg.glu,
                                  dtype=self.dtype, name="experts")
         mesh = parallel.context_mesh()  # set by `with jax.set_mesh(mesh)`; see parallel.py
-        impl = cfg.resolved_dropless_impl()
+        impl = cfg.resolved_dropless_impl(sharded=mesh is not None)
         if mesh is None:
             result = dispatch_lib.get_dispatcher(dispatcher)(
                 xg.astype(self.dtype), decision, experts, capacity, slot_order=cfg.slot_order,
                 block_size=cfg.dropless_block_size, impl=impl)
         else:
             parallel.check_layer_divisibility(mesh, cfg.num_experts, g, (b, l), s)
-            if impl == "grouped" and cfg.dropless_impl == "auto":
-                impl = "blocks"  # the expert-parallel dropless path runs 'blocks' or 'ragged_dot'
             result = parallel.run_expert_parallel(
                 xg.astype(self.dtype), decision, experts, capacity, dispatcher=dispatcher, mesh=mesh,
                 slot_order=cfg.slot_order, block_size=cfg.dropless_block_size, impl=impl)

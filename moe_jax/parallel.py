@@ -745,9 +745,7 @@ def run_expert_parallel(x: Array, decision: RoutingDecision, experts, capacity: 
     n_ep = mesh.shape[ep_axis]
     if e % n_ep or g % num_batch_shards(mesh):
         check_layer_divisibility(mesh, e, g, (g, s), s)
-    params = {"wi": experts.wi, "wo": experts.wo}
-    if experts.glu:
-        params["wg"] = experts.wg
+    params = experts.params(x.shape[-1])
     in_spec = logical_to_spec(("expert", "embed", "mlp"))  # wi, wg: [E, D, F]
     out_spec = logical_to_spec(("expert", "mlp", "embed"))  # wo: [E, F, D]
     param_specs = {name: (out_spec if name == "wo" else in_spec) for name in params}

@@ -33,8 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routing import (RoutingDecision, Router, TopKRouter, _token_mask, register_router,
-                             resolved_renormalize)
+from moe_jax.routing import (RoutingDecision, Router, TopKRouter, _token_mask, check_renormalize_needs_k2,
+                             register_router, resolved_renormalize)
 
 Array = jax.Array
 _NEG = -1e9  # a finite "minus infinity" for masked logits (keeps logsumexp and softmax free of NaN)
@@ -227,9 +227,7 @@ class SinkhornRouter(Router):
     def check_config(cls, config) -> None:
         if config.sinkhorn_iters < 1:
             raise ValueError(f"moe.sinkhorn_iters must be >= 1, got {config.sinkhorn_iters}.")
-        if config.k == 1 and resolved_renormalize(config):
-            raise ValueError("moe.renormalize_top_k=True with k=1 (router 'sinkhorn'): the weight would always "
-                             "be 1 and the router gets no gradient. Set renormalize_top_k=False or k>=2.")
+        check_renormalize_needs_k2(config)
 
     @nn.compact
     def __call__(self, x, mask=None, *, capacity=None, train=False, token_ids=None) -> RoutingDecision:
@@ -456,9 +454,7 @@ class DeepSeekRouter(Router):
         if config.bias_update_rate < 0:
             raise ValueError(f"moe.bias_update_rate must be >= 0 (0 disables the bias), got "
                              f"{config.bias_update_rate}.")
-        if config.k == 1 and resolved_renormalize(config):
-            raise ValueError("moe.renormalize_top_k with k=1 (router 'deepseek'): the weight would be the constant "
-                             "routed_scaling and the router gets no gradient. Set renormalize_top_k=False or k>=2.")
+        check_renormalize_needs_k2(config, constant="routed_scaling")
 
     @nn.compact
     def __call__(self, x, mask=None, *, capacity=None, train=False, token_ids=None) -> RoutingDecision:

@@ -135,6 +135,15 @@ def _token_mask(mask: Optional[Array], shape) -> Array:
     return jnp.ones(shape, bool) if mask is None else mask.astype(bool)
 
 
+def check_renormalize_needs_k2(config, constant: str = "1.0") -> None:
+    """Refuse ``renormalize_top_k`` with K = 1: the single combine weight would be the constant ``constant``,
+    so the task loss would give the router no gradient. Shared by every router whose weights are renormalized."""
+    if config.k == 1 and resolved_renormalize(config):
+        raise ValueError(
+            f"moe.renormalize_top_k=True with k=1 (router {config.router!r}): the single combine weight would always "
+            f"be {constant} and the router would get no gradient. Set renormalize_top_k=False or k>=2.")
+
+
 def resolved_renormalize(config) -> bool:
     """``renormalize_top_k`` with the router's default filled in."""
     if config.renormalize_top_k is not None:
@@ -156,12 +165,7 @@ class TopKRouter(Router):
 
     @classmethod
     def check_config(cls, config) -> None:
-        if config.k == 1 and resolved_renormalize(config):
-            raise ValueError(
-                f"MoEConfig.renormalize_top_k=True with k=1 (router {config.router!r}): the single combine "
-                "weight would always be 1.0 and the router would get no gradient. Set renormalize_top_k=False "
-                "or k>=2."
-            )
+        check_renormalize_needs_k2(config)
         if config.second_policy not in ("all", "random"):
             raise ValueError(f"MoEConfig.second_policy must be 'all' or 'random', got {config.second_policy!r}.")
 
@@ -318,9 +322,7 @@ class ExpertChoiceRouter(Router):
         tok = _token_mask(mask, x.shape[:2])
         scores = jnp.where(tok[..., None], probs, -1.0)  # padding last
         weights, token_index = jax.lax.top_k(jnp.swapaxes(scores, 1, 2), capacity)  # [G, E, C]
-        valid = jnp.take_along_axis(
-            jnp.broadcast_to(tok[:, None, :], scores.shape[:1] + scores.shape[2:] + scores.shape[1:2]),
-            token_index, axis=2)  # [G, E, C]
+        valid = jnp.take_along_axis(tok[:, None, :], token_index, axis=2)  # [G, 1, S] -> [G, E, C]
         weights = jnp.where(valid, weights, 0.0)
         return RoutingDecision(
             combine_weights=weights,
