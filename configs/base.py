@@ -39,6 +39,12 @@ SIZES: Dict[str, Dict[str, Dict[str, Any]]] = {
         "train": dict(steps=2000, learning_rate=2e-3, warmup_steps=100, log_every=25, eval_every=250,
                       eval_batches=16, ckpt_every=250, sample_tokens=200),
     },
+    "mini": {
+        "data": dict(corpus="shakespeare", tokenizer="bpe", vocab_size=4096, seq_len=128, batch_size=16),
+        "model": dict(d_model=128, num_layers=4, num_heads=4, d_ff=512, dropout=0.0),
+        "train": dict(steps=1000, learning_rate=2e-3, warmup_steps=50, log_every=25, eval_every=125,
+                      eval_batches=16, ckpt_every=250, sample_tokens=100),
+    },
     "tiny": {
         "data": dict(corpus="shakespeare", tokenizer="bytes", vocab_size=256, seq_len=64, batch_size=8),
         "model": dict(d_model=64, num_layers=2, num_heads=4, d_ff=256),

@@ -19,4 +19,4 @@ def get_config(size=None):
     models = {name: compare_base.moe_model(dict(compare_base.SWITCH, lb_loss_coef=lb, z_loss_coef=z))
               for name, (lb, z) in variants.items()}
     return compare_base.make(cfg, models, seeds=(0,), title="Load balancing and router z-loss (Switch top-1, E=8)",
-                             results_dir="docs/results/balance")
+                             results_dir="docs/results/balance", size=size)

@@ -33,7 +33,14 @@ def dense_with_params_of(base_cfg, num_experts: int, moe_every: int = 2) -> dict
     return {"model": dict(d_ff=total_ffn_width // layers)}
 
 
-def make(base_cfg, models: dict, seeds=(0,), title: str = "", results_dir: str = "") -> ml_collections.ConfigDict:
+def make(base_cfg, models: dict, seeds=(0,), title: str = "", results_dir: str = "",
+         size=None) -> ml_collections.ConfigDict:
+    """The comparison config. ``size``: the config size the study was built at; a size other than the default
+    'small' tags the title and sends the committed results to ``<results_dir>_<size>`` (so that a CPU-sized
+    study, e.g. ``configs/compare_routers.py:mini``, does not overwrite the full-size one)."""
+    if size and size != "small":
+        title = f"{title} [{size}]" if title else f"[{size}]"
+        results_dir = f"{results_dir}_{size}" if results_dir else ""
     c = ml_collections.ConfigDict()
     c.base = base_cfg
     c.models = ml_collections.ConfigDict(models)

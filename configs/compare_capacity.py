@@ -16,4 +16,4 @@ def get_config(size=None):
         models[f"cf{cf}".replace(".", "_")] = compare_base.moe_model(dict(compare_base.SWITCH, capacity_factor=cf))
     models["dropless"] = compare_base.moe_model(dict(compare_base.SWITCH, dispatcher="dropless"))
     return compare_base.make(cfg, models, seeds=(0,), title="Capacity factor vs dropless (Switch top-1, E=8)",
-                             results_dir="docs/results/capacity")
+                             results_dir="docs/results/capacity", size=size)

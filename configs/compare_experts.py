@@ -15,4 +15,4 @@ def get_config(size=None):
     for e in (2, 4, 8, 16, 32):
         models[f"e{e}"] = compare_base.moe_model(dict(compare_base.SWITCH, num_experts=e))
     return compare_base.make(cfg, models, seeds=(0,), title="Expert count (Switch top-1, equal active FLOPs)",
-                             results_dir="docs/results/experts")
+                             results_dir="docs/results/experts", size=size)

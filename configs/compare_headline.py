@@ -20,4 +20,4 @@ def get_config(size=None):
         "dense_total_params": compare_base.dense_with_params_of(cfg, num_experts=8),
     }
     return compare_base.make(cfg, models, seeds=(0, 1, 2), title="Headline: dense vs MoE at equal active FLOPs",
-                             results_dir="docs/results/headline")
+                             results_dir="docs/results/headline", size=size)

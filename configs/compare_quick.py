@@ -18,4 +18,4 @@ def get_config(size=None):
         "dense": {},
         "switch_top1_e8": compare_base.moe_model(compare_base.SWITCH),
     }
-    return compare_base.make(cfg, models, seeds=(0,), title="Quick: dense vs Switch top-1 (E=8)")
+    return compare_base.make(cfg, models, seeds=(0,), title="Quick: dense vs Switch top-1 (E=8)", size=size)

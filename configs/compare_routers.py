@@ -17,13 +17,16 @@ from configs import base, compare_base  # noqa: E402
 def get_config(size=None):
     cfg = base.make_config(size)
     f = cfg.model.d_ff
-    common = dict(num_experts=8, capacity_factor=1.25, eval_capacity_factor=2.0, slot_order="token_major",
-                  lb_loss_coef=1e-2, z_loss_coef=1e-3)
+    # The K=1 rows are exactly the Switch model of the other studies (compare_base.SWITCH), the K=2 rows fill
+    # capacity token by token (slot_order, as compare_base.TOP2), which matters only when K > 1.
+    common = dict(num_experts=8, capacity_factor=1.25, eval_capacity_factor=2.0, lb_loss_coef=1e-2, z_loss_coef=1e-3)
     routers = {
         "top_k_k1": dict(router="top_k", k=1),
         "switch": dict(router="switch", k=1),
         "hash": dict(router="hash", k=1, lb_loss_coef=0.0),
-        "gshard_top2": dict(router="gshard", k=2, expert_hidden=f // 2),
+        # GShard's own second-expert policy (dispatch the 2nd expert with probability 2*g2): with
+        # second_policy='all' it would be the same model as mixtral_top2 (both renormalize the top-2 weights).
+        "gshard_top2_rand": dict(router="gshard", k=2, expert_hidden=f // 2, second_policy="random"),
         "mixtral_top2": dict(router="mixtral", k=2, expert_hidden=f // 2),
         "noisy_top2": dict(router="noisy_top_k", k=2, expert_hidden=f // 2),
         "deepseek_top2": dict(router="deepseek", k=2, expert_hidden=f // 2, lb_loss_coef=0.0),
@@ -31,6 +34,8 @@ def get_config(size=None):
         "confidence_kmax2": dict(router="confidence", k=2, expert_hidden=f // 2),
     }
     models = {"dense": {}}
-    models.update({name: compare_base.moe_model(dict(common, **r)) for name, r in routers.items()})
+    for name, r in routers.items():
+        slots = dict(slot_order="token_major") if r["k"] > 1 else {}
+        models[name] = compare_base.moe_model(dict(common, **slots, **r))
     return compare_base.make(cfg, models, seeds=(0,), title="Causal routers at equal active FLOPs (E=8)",
-                             results_dir="docs/results/routers")
+                             results_dir="docs/results/routers", size=size)

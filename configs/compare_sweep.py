@@ -23,4 +23,4 @@ def get_config(size=None):
         "top2_e8_every2": compare_base.moe_model(top2),
         "dense_total_e8_every2": compare_base.dense_with_params_of(cfg, 8),
     }
-    return compare_base.make(cfg, models, seeds=(0,), title="Design sweep (no dropout, one seed)")
+    return compare_base.make(cfg, models, seeds=(0,), title="Design sweep (no dropout, one seed)", size=size)

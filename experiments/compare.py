@@ -24,6 +24,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the runs, the table 
 _ONLY = flags.DEFINE_list("only", None, "Train only these runs ('model:seed,...') and write no table: to run "
                           "the runs of one comparison side by side in separate processes.")
 _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "Train nothing; tabulate and plot the runs that exist.")
+_REUSE = flags.DEFINE_list("reuse", None, "Workdirs of other comparisons: a run of this one whose exact config "
+                           "finished there is copied instead of trained (studies share models).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,7 +38,7 @@ def main(argv):
 
     try:
         out = run_comparison(_CONFIG.value, _WORKDIR.value, only=_ONLY.value,
-                             train_missing=not _TABLE_ONLY.value)
+                             train_missing=not _TABLE_ONLY.value, reuse=_REUSE.value)
     except (TrainingDivergedError, PermissionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

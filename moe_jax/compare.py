@@ -138,6 +138,32 @@ def _fmt(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def used_flops_per_token(run_dir: str, train_flops_per_token: Optional[float], experts_per_token: float) -> float:
+    """Training FLOPs per token with the routed experts counted at the run's measured kept experts per token
+    (per MoE layer) instead of K: what a dynamic-k router (top-p, confidence) spends, and, for a capacity
+    router, the useful work without the dropped assignments. NaN for dense models, Soft MoE and expert choice.
+
+    ``train_flops_per_token + n_moe * 6 * P_expert * (experts_per_token - K)``, ``P_expert`` the weights of one
+    routed expert (``moe_jax.flops`` conventions).
+    """
+    path = os.path.join(run_dir, "config.json")
+    if train_flops_per_token is None or not np.isfinite(experts_per_token) or not os.path.exists(path):
+        return float("nan")
+    import ml_collections
+
+    from moe_jax import routing
+    from moe_jax.train import validate_config
+
+    with open(path) as f:
+        resolved = json.load(f)
+    cfg = validate_config(ml_collections.ConfigDict(resolved["config"]), resolved.get("vocab_size"))
+    m = cfg.moe
+    if m is None or not cfg.moe_blocks or routing.get_router_class(m.router).kind != "token_choice":
+        return float("nan")
+    per_expert = (3 if m.glu else 2) * cfg.d_model * m.expert_hidden
+    return float(train_flops_per_token + len(cfg.moe_blocks) * 6 * per_expert * (experts_per_token - m.k))
+
+
 def summarize(workdir: str, names: List[str], seeds: List[int]) -> List[Dict[str, Any]]:
     """One row per model: sizes, FLOPs, final / equal-FLOPs / equal-time validation loss, speed, balance."""
     runs = {n: {s: os.path.join(workdir, n, f"seed{s}") for s in seeds} for n in names}
@@ -167,6 +193,7 @@ def summarize(workdir: str, names: List[str], seeds: List[int]) -> List[Dict[str
                for c in cs]
         summ = summaries.get(n, {})
         fm, fs = _mean_std(final)
+        used = [used_flops_per_token(runs[n][s], summ.get("flops_per_token"), e) for s, e in zip(seeds, ept)]
         rows.append({
             "model": n,
             "total_params": summ.get("total_params"),
@@ -182,6 +209,7 @@ def summarize(workdir: str, names: List[str], seeds: List[int]) -> List[Dict[str
             "drop_fraction": _mean_std(drop)[0],
             "max_vio": _mean_std(vio)[0],
             "experts_per_token": _mean_std(ept)[0],
+            "used_flops_per_token": _mean_std(used)[0],
             "flop_budget": flop_budget, "time_budget": time_budget,
         })
     return rows
@@ -209,8 +237,8 @@ def write_table(rows: List[Dict[str, Any]], workdir: str, title: str = "") -> st
     lines += [
         "| model | total params | active params | train FLOPs/token | steps | seeds | val loss | val ppl | "
         f"val loss @ {_si(budget_flops)}FLOPs | val loss @ {budget_time:.0f}s | tokens/s | drop frac | MaxVio | "
-        "experts/token |",
-        "|" + "---|" * 14,
+        "experts/token | used FLOPs/token |",
+        "|" + "---|" * 15,
     ]
     for r in rows:
         lines.append(
@@ -220,13 +248,13 @@ def write_table(rows: List[Dict[str, Any]], workdir: str, title: str = "") -> st
             f"{_fmt(r['val_loss_at_equal_flops'], r['val_loss_at_equal_flops_std'])} | "
             f"{_fmt(r['val_loss_at_equal_time'], r['val_loss_at_equal_time_std'])} | "
             f"{r['tokens_per_s']:.0f} | {r['drop_fraction']:.3f} | {r['max_vio']:.3f} | "
-            f"{r['experts_per_token']:.2f} |"
+            f"{r['experts_per_token']:.2f} | {_si(r['used_flops_per_token'])} |"
             .replace("nan", "n/a"))
     lines += ["", "val loss: mean ± sample std over seeds of the last validation loss (nats/token); "
               "@ FLOPs / @ s: interpolated at the smallest training-FLOPs / wall-time budget that every run reached. "
               "drop frac, MaxVio, experts/token: MoE layers' means at the last log step (experts/token: mean over "
-              "training; dense: n/a). Train FLOPs/token count K experts per token (a dynamic-k router spends "
-              "experts/token instead)."]
+              "training; dense: n/a). Train FLOPs/token count K experts per token; used FLOPs/token count the "
+              "experts/token the run kept instead (what a dynamic-k router spends; without dropped assignments)."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(text)
@@ -299,13 +327,41 @@ def resolve_init_ref(run_cfg, name: str, names: List[str], workdir: str, seed: i
     run_cfg.init.from_dir = os.path.join(workdir, source, f"seed{seed}")
 
 
+def _run_key(config_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """The fields that decide a run's result: the whole config except where the data cache lives."""
+    d = json.loads(json.dumps(config_dict))
+    d.get("data", {}).pop("cache_dir", None)
+    return d
+
+
+def find_same_run(run_cfg, reuse_dirs: List[str], seed: int) -> Optional[str]:
+    """A finished run (``<dir>/<any model>/seed<seed>`` with ``summary.json``) in one of ``reuse_dirs`` whose
+    ``config.json`` holds exactly ``run_cfg`` (up to ``data.cache_dir``), or None. Studies share models (the
+    Switch E=8 model is in four of them); with this, each is trained once."""
+    want = _run_key(json.loads(run_cfg.to_json_best_effort()))
+    for root in reuse_dirs:
+        if not os.path.isdir(root):
+            raise ValueError(f"--reuse {root!r}: no such folder; give the --workdir of an earlier comparison.")
+        for name in sorted(os.listdir(root)):
+            cand = os.path.join(root, name, f"seed{seed}")
+            if not (os.path.exists(os.path.join(cand, "summary.json"))
+                    and os.path.exists(os.path.join(cand, "config.json"))):
+                continue
+            with open(os.path.join(cand, "config.json")) as f:
+                if _run_key(json.load(f).get("config", {})) == want:
+                    return cand
+    return None
+
+
 def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Optional[List[str]] = None,
-                   train_missing: bool = True) -> Dict[str, Any]:
+                   train_missing: bool = True, reuse: Optional[List[str]] = None) -> Dict[str, Any]:
     """Train every (model, seed) that has no ``summary.json`` yet, then write the table and plots.
 
     ``only``: a list of ``'model:seed'`` — train just those runs and write no table (for running the runs of one
     comparison as separate processes side by side; a final call without ``only`` then writes the table).
     ``train_missing=False``: tabulate what exists and train nothing (unfinished runs show what they logged).
+    ``reuse``: workdirs of other comparisons; a missing run whose exact config finished there is copied
+    (``find_same_run``) instead of trained.
     """
     if train_fn is None:
         from moe_jax.train import train as train_fn
@@ -333,6 +389,14 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
             run_cfg = copy.deepcopy(cfg)
             run_cfg.seed = int(seed)
             resolve_init_ref(run_cfg, name, names, workdir, seed)
+            same = find_same_run(run_cfg, [os.path.abspath(r) for r in reuse or []], seed)
+            if same is not None and not os.path.exists(run_dir):
+                log(f"[compare] {name} seed {seed}: same config as {same}, copying it")
+                tmp = run_dir + ".copying"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(same, tmp)
+                os.replace(tmp, run_dir)  # all or nothing: a killed copy leaves no half run behind
+                continue
             log(f"[compare] training {name} seed {seed} -> {run_dir}")
             train_fn(run_cfg, run_dir)
     if wanted is not None:

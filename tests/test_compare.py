@@ -89,6 +89,13 @@ def test_tiny_comparison_end_to_end_and_resume(tmp_path):
     assert rows["switch"]["total_params"] > rows["dense"]["total_params"]
     assert rows["switch"]["active_params"] == pytest.approx(rows["dense"]["active_params"], rel=0.05)
     assert np.isfinite(rows["switch"]["drop_fraction"]) and math.isnan(rows["dense"]["drop_fraction"])
+    # Used FLOPs: one MoE block (of 2, moe_every=2), one routed expert = 2 * D * F = 2 * 32 * 64 = 4096 weights,
+    # K = 1: train FLOPs/token - 6 * 4096 * (1 - kept experts/token).
+    ept = rows["switch"]["experts_per_token"]
+    assert 0 < ept <= 1
+    assert rows["switch"]["used_flops_per_token"] == pytest.approx(
+        rows["switch"]["train_flops_per_token"] - 6 * 4096 * (1 - ept))
+    assert math.isnan(rows["dense"]["used_flops_per_token"])
     for name in ("results.md", "results.csv", "val_loss_vs_steps.png", "val_loss_vs_flops.png",
                  "val_loss_vs_time.png", "expert_load.png"):
         assert os.path.getsize(os.path.join(wd, name)) > 0, name
@@ -97,3 +104,19 @@ def test_tiny_comparison_end_to_end_and_resume(tmp_path):
     compare.run_comparison(cmp_cfg, wd, train_fn=lambda *a: pytest.fail("retrained a finished run"),
                            log=logs.append)
     assert sum("skipping" in line for line in logs) == 2
+    # Another comparison reusing this workdir: runs with the same config are copied, not trained; a model with
+    # a different config (E=2 instead of 4) is trained.
+    models2 = dict(models, switch_e2=compare_base.moe_model(dict(compare_base.SWITCH, num_experts=2)))
+    cmp2 = compare_base.make(cfg, models2, seeds=(0,), title="tiny2")
+    wd2, trained, logs = str(tmp_path / "cmp2"), [], []
+    compare.run_comparison(cmp2, wd2, train_fn=lambda c, d: trained.append(os.path.basename(os.path.dirname(d))),
+                           log=logs.append, only=["dense:0", "switch:0", "switch_e2:0"], reuse=[wd])
+    assert trained == ["switch_e2"]
+    assert sum("copying" in line for line in logs) == 2
+    for name in ("dense", "switch"):
+        with open(os.path.join(wd2, name, "seed0", "summary.json")) as f, \
+                open(os.path.join(wd, name, "seed0", "summary.json")) as g:
+            assert json.load(f) == json.load(g)
+    with pytest.raises(ValueError, match="no such folder"):
+        compare.run_comparison(cmp2, str(tmp_path / "cmp3"), train_fn=lambda *a: None, log=logs.append,
+                               only=["switch_e2:0"], reuse=[str(tmp_path / "missing")])
