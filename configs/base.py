@@ -9,6 +9,10 @@ Every config file does ``from configs import base`` and returns ``base.make_conf
   2000 steps, the default, are ~2.7 epochs of the 1.5M training tokens. Residual dropout 0.1: without it,
   the larger models overfit (H100, 2000 steps, seed 0, no dropout: dense 4.07, a dense model with switch's
   11.5M params 4.08, switch_top1 4.04 nats/token).
+* ``'mini'`` (config string ``configs/<name>.py:mini``): the small size at half the width (D=128, F=512, same
+  4 blocks, BPE, L and B), no dropout, 1000 steps (2M tokens, 1.3 epochs): 1.3M params dense, 8.7M training
+  FLOPs/token, ~5000 tokens/s for the dense model on one CPU core, so a run takes about 8 minutes on one core.
+  The CPU-sized studies of ``docs/results/README.md`` use it (two runs side by side on 2 cores).
 * ``'tiny'`` (config string ``configs/<name>.py:tiny``): byte tokenizer, D=64, 2 blocks, L=64, B=8,
   200 steps; trains in well under a minute on 2 CPU cores.
 

@@ -109,6 +109,9 @@ def curves(run_dir: str) -> Dict[str, np.ndarray]:
     # mean over MoE layers of the kept experts per token (dynamic-k routers spend what this says)
     out["experts_per_token"] = np.array([np.mean(train[s]["moe/experts_per_token"])
                                          if train[s].get("moe/experts_per_token") else np.nan for s in tsteps], float)
+    # mean over MoE layers of logsumexp(router logits)^2: the size of the router logits (router z-loss)
+    out["router_z"] = np.array([np.mean(train[s]["moe/z_loss"]) if train[s].get("moe/z_loss") else np.nan
+                                for s in tsteps], float)
     loads = [train[s].get("expert_load") for s in tsteps]
     out["expert_load"] = loads if any(l is not None for l in loads) else None
     return out
@@ -189,6 +192,7 @@ def summarize(workdir: str, names: List[str], seeds: List[int]) -> List[Dict[str
         tps = [np.nanmedian(c["tokens_per_s"]) if len(c["tokens_per_s"]) else float("nan") for c in cs]
         drop = [c["drop_fraction"][-1] if len(c["drop_fraction"]) else float("nan") for c in cs]
         vio = [c["max_vio"][-1] if len(c["max_vio"]) else float("nan") for c in cs]
+        router_z = [c["router_z"][-1] if len(c["router_z"]) else float("nan") for c in cs]
         ept = [np.nanmean(c["experts_per_token"]) if np.isfinite(c["experts_per_token"]).any() else float("nan")
                for c in cs]
         summ = summaries.get(n, {})
@@ -208,6 +212,7 @@ def summarize(workdir: str, names: List[str], seeds: List[int]) -> List[Dict[str
             "tokens_per_s": _mean_std(tps)[0],
             "drop_fraction": _mean_std(drop)[0],
             "max_vio": _mean_std(vio)[0],
+            "router_z": _mean_std(router_z)[0],
             "experts_per_token": _mean_std(ept)[0],
             "used_flops_per_token": _mean_std(used)[0],
             "flop_budget": flop_budget, "time_budget": time_budget,
@@ -237,8 +242,8 @@ def write_table(rows: List[Dict[str, Any]], workdir: str, title: str = "") -> st
     lines += [
         "| model | total params | active params | train FLOPs/token | steps | seeds | val loss | val ppl | "
         f"val loss @ {_si(budget_flops)}FLOPs | val loss @ {budget_time:.0f}s | tokens/s | drop frac | MaxVio | "
-        "experts/token | used FLOPs/token |",
-        "|" + "---|" * 15,
+        "router z | experts/token | used FLOPs/token |",
+        "|" + "---|" * 16,
     ]
     for r in rows:
         lines.append(
@@ -247,12 +252,13 @@ def write_table(rows: List[Dict[str, Any]], workdir: str, title: str = "") -> st
             f"{_fmt(r['val_loss'], r['val_loss_std'])} | {r['val_ppl']:.2f} | "
             f"{_fmt(r['val_loss_at_equal_flops'], r['val_loss_at_equal_flops_std'])} | "
             f"{_fmt(r['val_loss_at_equal_time'], r['val_loss_at_equal_time_std'])} | "
-            f"{r['tokens_per_s']:.0f} | {r['drop_fraction']:.3f} | {r['max_vio']:.3f} | "
+            f"{r['tokens_per_s']:.0f} | {r['drop_fraction']:.3f} | {r['max_vio']:.3f} | {r['router_z']:.2f} | "
             f"{r['experts_per_token']:.2f} | {_si(r['used_flops_per_token'])} |"
             .replace("nan", "n/a"))
     lines += ["", "val loss: mean ± sample std over seeds of the last validation loss (nats/token); "
               "@ FLOPs / @ s: interpolated at the smallest training-FLOPs / wall-time budget that every run reached. "
-              "drop frac, MaxVio, experts/token: MoE layers' means at the last log step (experts/token: mean over "
+              "drop frac, MaxVio, router z (mean logsumexp(router logits)^2, the z-loss), experts/token: MoE layers' "
+              "means at the last log step (experts/token: mean over "
               "training; dense: n/a). Train FLOPs/token count K experts per token; used FLOPs/token count the "
               "experts/token the run kept instead (what a dynamic-k router spends; without dropped assignments)."]
     text = "\n".join(lines) + "\n"
@@ -293,8 +299,12 @@ def plot(workdir: str, names: List[str], seeds: List[int]) -> List[str]:
         paths.append(path)
     moe = [n for n in names if data[n] and data[n][0]["expert_load"] is not None]
     if moe:
-        fig, axes = plt.subplots(1, len(moe), figsize=(4.0 * len(moe), 3.4), squeeze=False)
-        for ax, n in zip(axes[0], moe):
+        cols = min(4, len(moe))
+        rows = -(-len(moe) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.4 * rows), squeeze=False)
+        for ax in axes.flat[len(moe):]:
+            ax.set_visible(False)
+        for ax, n in zip(axes.flat, moe):
             c = data[n][0]
             load = np.array([np.mean(np.asarray(l, float).reshape(-1, np.shape(l)[-1]), axis=0)
                              for l in c["expert_load"] if l is not None])  # [steps, E], mean over layers

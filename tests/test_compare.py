@@ -96,6 +96,7 @@ def test_tiny_comparison_end_to_end_and_resume(tmp_path):
     assert rows["switch"]["used_flops_per_token"] == pytest.approx(
         rows["switch"]["train_flops_per_token"] - 6 * 4096 * (1 - ept))
     assert math.isnan(rows["dense"]["used_flops_per_token"])
+    assert rows["switch"]["router_z"] > 0 and math.isnan(rows["dense"]["router_z"])  # logsumexp^2 of the logits
     for name in ("results.md", "results.csv", "val_loss_vs_steps.png", "val_loss_vs_flops.png",
                  "val_loss_vs_time.png", "expert_load.png"):
         assert os.path.getsize(os.path.join(wd, name)) > 0, name
