@@ -107,9 +107,19 @@ def test_all_configs_validate():
     import importlib
     for name in ("dense", "switch_top1", "gshard_top2", "mixtral_top2", "expert_choice"):
         mod = importlib.import_module(f"configs.{name}")
-        for size in (None, "tiny"):
+        for size in (None, "mini", "tiny"):
             cfg = train_lib.validate_config(mod.get_config(size))
             assert (cfg.moe is None) == (name == "dense")
+    # Every model of every comparison study builds a valid training config at every size.
+    from moe_jax import compare
+    for name in ("quick", "headline", "experts", "capacity", "balance", "routers", "sweep", "lr"):
+        mod = importlib.import_module(f"configs.compare_{name}")
+        for size in (None, "mini"):
+            cmp_cfg = mod.get_config(size)
+            for run_cfg in compare.model_configs(cmp_cfg).values():
+                train_lib.validate_config(run_cfg)
+            if size == "mini" and cmp_cfg.results_dir:
+                assert cmp_cfg.results_dir.endswith("_mini")  # a CPU-sized study never overwrites the full one
     with pytest.raises(ValueError, match="config size 'huge'"):
         config_base.make_config("huge")
 
