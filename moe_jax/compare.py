@@ -203,7 +203,7 @@ def summarize(workdir: str, names: List[str], seeds: List[int]) -> List[Dict[str
             "total_params": summ.get("total_params"),
             "active_params": summ.get("active_params"),
             "train_flops_per_token": summ.get("flops_per_token"),
-            "steps": int(cs[0]["step"][-1]) if len(cs[0]["step"]) else 0,
+            "steps": max([int(c["step"][-1]) for c in cs if len(c["step"])], default=0),  # any seed that ran
             "seeds": len([c for c in cs if len(c["val_loss"])]),
             "val_loss": fm, "val_loss_std": fs,
             "val_ppl": math.exp(fm) if np.isfinite(fm) else float("nan"),
