@@ -257,10 +257,10 @@ def write_table(rows: List[Dict[str, Any]], workdir: str, title: str = "") -> st
             .replace("nan", "n/a"))
     lines += ["", "val loss: mean ± sample std over seeds of the last validation loss (nats/token); "
               "@ FLOPs / @ s: interpolated at the smallest training-FLOPs / wall-time budget that every run reached. "
-              "drop frac, MaxVio, router z (mean logsumexp(router logits)^2, the z-loss), experts/token: MoE layers' "
-              "means at the last log step (experts/token: mean over "
-              "training; dense: n/a). Train FLOPs/token count K experts per token; used FLOPs/token count the "
-              "experts/token the run kept instead (what a dynamic-k router spends; without dropped assignments)."]
+              "drop frac, MaxVio, router z (mean logsumexp(router logits)^2, the z-loss), experts/token: MoE "
+              "layers' means at the last log step (experts/token: mean over training; dense: n/a). Train "
+              "FLOPs/token count K experts per token; used FLOPs/token count the experts/token the run kept "
+              "instead (what a dynamic-k router spends; without dropped assignments)."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(text)
