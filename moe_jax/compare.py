@@ -155,6 +155,7 @@ def used_flops_per_token(run_dir: str, train_flops_per_token: Optional[float], e
     import ml_collections
 
     from moe_jax import routing
+    from moe_jax.flops import routed_expert_weights
     from moe_jax.train import validate_config
 
     with open(path) as f:
@@ -163,7 +164,7 @@ def used_flops_per_token(run_dir: str, train_flops_per_token: Optional[float], e
     m = cfg.moe
     if m is None or not cfg.moe_blocks or routing.get_router_class(m.router).kind != "token_choice":
         return float("nan")
-    per_expert = (3 if m.glu else 2) * cfg.d_model * m.expert_hidden
+    per_expert = routed_expert_weights(cfg)
     return float(train_flops_per_token + len(cfg.moe_blocks) * 6 * per_expert * (experts_per_token - m.k))
 
 

@@ -66,6 +66,11 @@ class ModelCounts:
         return line
 
 
+def routed_expert_weights(cfg: ModelConfig) -> int:
+    """Weights of one routed expert of ``cfg.moe``: ``(2 or 3) * D * expert_hidden`` (MLP or GLU)."""
+    return (3 if cfg.moe.glu else 2) * cfg.d_model * cfg.moe.expert_hidden
+
+
 def _moe_nonrouted_params(cfg: ModelConfig, seq_len: int) -> int:
     """Parameters of one MoE layer other than the routed experts (router + shared experts + anything a router
     adds), from the module's own abstract init (``jax.eval_shape``: no computation)."""
@@ -98,7 +103,7 @@ def count_model(cfg: ModelConfig, seq_len: int) -> ModelCounts:
     routed = routed_active = moe_other = router = dispatch = 0
     if n_moe:
         m = cfg.moe
-        per_expert = mult(m.glu) * d * m.expert_hidden
+        per_expert = routed_expert_weights(cfg)
         routed = n_moe * m.num_experts * per_expert
         s = m.resolved_group_size(seq_len)
         soft = routing.get_router_class(m.router).kind == "soft"
