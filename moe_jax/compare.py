@@ -351,8 +351,6 @@ def find_same_run(run_cfg, reuse_dirs: List[str], seed: int) -> Optional[str]:
     Switch E=8 model is in four of them); with this, each is trained once."""
     want = _run_key(json.loads(run_cfg.to_json_best_effort()))
     for root in reuse_dirs:
-        if not os.path.isdir(root):
-            raise ValueError(f"--reuse {root!r}: no such folder; give the --workdir of an earlier comparison.")
         for name in sorted(os.listdir(root)):
             cand = os.path.join(root, name, f"seed{seed}")
             if not (os.path.exists(os.path.join(cand, "summary.json"))
@@ -380,6 +378,10 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
     os.makedirs(workdir, exist_ok=True)
     configs = model_configs(cmp_cfg)
     names = list(configs)
+    reuse_dirs = [os.path.abspath(r) for r in reuse or []]
+    for root in reuse_dirs:  # checked once, before any training
+        if not os.path.isdir(root):
+            raise ValueError(f"--reuse {root!r}: no such folder; give the --workdir of an earlier comparison.")
     seeds = list(cmp_cfg.seeds)
     wanted = None
     if only:
@@ -400,8 +402,8 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
             run_cfg = copy.deepcopy(cfg)
             run_cfg.seed = int(seed)
             resolve_init_ref(run_cfg, name, names, workdir, seed)
-            same = find_same_run(run_cfg, [os.path.abspath(r) for r in reuse or []], seed)
-            if same is not None and not os.path.exists(run_dir):
+            same = None if os.path.exists(run_dir) else find_same_run(run_cfg, reuse_dirs, seed)
+            if same is not None:  # an interrupted run of its own (run_dir exists) resumes instead
                 log(f"[compare] {name} seed {seed}: same config as {same}, copying it")
                 tmp = run_dir + ".copying"
                 shutil.rmtree(tmp, ignore_errors=True)
