@@ -39,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.experts import ACTIVATIONS, DenseFFN
+from moe_jax.experts import ACTIVATIONS, DenseFFN, on_rows
 from moe_jax.moe import MoEConfig, MoELayer
 
 Array = jax.Array
@@ -190,16 +190,17 @@ class CausalSelfAttention(nn.Module):
         dh = d // h
         proj = lambda name: nn.DenseGeneral((h, dh), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                                             kernel_init=_dense_init(), name=name)
-        q = rotary(proj("query")(x), self.rope_base)  # [B, L, H, Dh]
-        k = rotary(proj("key")(x), self.rope_base)  # [B, L, H, Dh]
-        v = proj("value")(x)  # [B, L, H, Dh]
+        q = rotary(on_rows(proj("query"), x), self.rope_base)  # [B, L, H, Dh]
+        k = rotary(on_rows(proj("key"), x), self.rope_base)  # [B, L, H, Dh]
+        v = on_rows(proj("value"), x)  # [B, L, H, Dh]
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(dh)
         causal = jnp.tril(jnp.ones((l, l), bool))  # [L(q), L(k)]
         scores = jnp.where(causal[None, None], scores, jnp.finfo(jnp.float32).min)  # [B, H, L, L]
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, L, H, Dh]
-        return nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                               kernel_init=_dense_init(), name="out")(out)  # [B, L, D]
+        out_proj = nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                                   kernel_init=_dense_init(), name="out")
+        return on_rows(out_proj, out, feature_dims=2)  # [B, L, D]
 
 
 class Block(nn.Module):
@@ -260,10 +261,10 @@ class Transformer(nn.Module):
                 all_stats.append(stats)
         h = self.final_norm(h)  # [B, L, D]
         if cfg.tie_embeddings:
-            logits = jnp.einsum("bld,vd->blv", h.astype(cfg.compute_dtype),
-                                self.embed.embedding.astype(cfg.compute_dtype))
+            emb = self.embed.embedding.astype(cfg.compute_dtype)
+            logits = on_rows(lambda rows: jnp.einsum("nd,vd->nv", rows, emb), h.astype(cfg.compute_dtype))
         else:
-            logits = self.unembed(h.astype(cfg.compute_dtype))
+            logits = on_rows(self.unembed, h.astype(cfg.compute_dtype))
         logits = logits.astype(jnp.float32)  # [B, L, V]
         return logits, stack_moe_stats(all_stats)
 

@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe_jax.experts import on_rows
 from moe_jax.routing import (RoutingDecision, Router, TopKRouter, _token_mask, check_renormalize_needs_k2,
                              register_router, resolved_renormalize)
 
@@ -340,7 +341,7 @@ class SoftMoERouter(Router):
         scale = self.param("scale", nn.initializers.ones, (), jnp.float32)
         xn = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
         phin = phi * jax.lax.rsqrt(jnp.sum(phi * phi, axis=0, keepdims=True) + 1e-6)
-        logits = scale * jnp.einsum("gsd,dec->gsec", xn, phin)  # [G, S, E, C]
+        logits = scale * on_rows(lambda rows: jnp.einsum("nd,dec->nec", rows, phin), xn)  # [G, S, E, C]
         tok = _token_mask(mask, (g, s))
         real = tok[:, :, None, None]
         dispatch = jax.nn.softmax(jnp.where(real, logits, _NEG), axis=1) * real  # softmax over tokens

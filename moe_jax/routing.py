@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from moe_jax import losses
+from moe_jax.experts import on_rows
 
 Array = jax.Array
 
@@ -121,14 +122,15 @@ class Router(nn.Module):
 
     def logits(self, x: Array) -> Array:
         """``[G, S, D] -> [G, S, E]`` float32 logits of a bias-free linear gate."""
-        return nn.Dense(
+        gate = nn.Dense(
             self.config.num_experts,
             use_bias=False,
             dtype=jnp.float32,
             param_dtype=jnp.float32,
             kernel_init=nn.initializers.normal(stddev=self.config.router_init_std),
             name="gate",
-        )(x.astype(jnp.float32))
+        )
+        return on_rows(gate, x.astype(jnp.float32))
 
 
 def _token_mask(mask: Optional[Array], shape) -> Array:
@@ -269,9 +271,9 @@ class NoisyTopKRouter(Router):
         cfg = self.config
         x = x.astype(jnp.float32)
         clean = self.logits(x)  # [G, S, E]
-        noise_std = jax.nn.softplus(
+        noise_std = jax.nn.softplus(on_rows(
             nn.Dense(cfg.num_experts, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
-                     kernel_init=nn.initializers.zeros, name="noise")(x)
+                     kernel_init=nn.initializers.zeros, name="noise"), x)
         ) + cfg.noise_eps
         if train:
             noisy = clean + jax.random.normal(self.make_rng("router"), clean.shape) * noise_std
