@@ -16,7 +16,9 @@ Rows (``--dispatchers``):
 * ``einsum``: one-hot einsum dispatch with ``MoEConfig.group_size='auto'`` (the einsum picks its own group
   size, see ``dispatch.auto_group_size``);
 * ``einsum_seq``: one-hot einsum with one group per sequence (``group_size=None``, S = L);
-* ``scatter``: the capacity buffer (sort/scatter), groups of one sequence;
+* ``scatter``: the capacity buffer (gathers), groups of one sequence, ``capacity_compute='auto'`` (on CPU
+  'filled': each expert runs on its filled rows only, ``experts.filled_rows_ffn``);
+* ``scatter_full``: the same with ``capacity_compute='full'`` (one batched matmul over all ``G*C`` rows);
 * ``dropless``: dropless with ``dropless_impl='auto'`` (the backend's default: ``grouped`` on CPU,
   ``ragged_dot`` on GPU);
 * ``grouped``: dropless on rows sorted by expert, a loop of GEMMs (``dispatch.grouped_matmul``);
@@ -48,8 +50,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(0, _ROOT)
 
-DISPATCHERS = ("einsum", "einsum_seq", "scatter", "dropless", "grouped", "ragged_dot", "blocks")
-CPU_DEFAULT = ("einsum", "einsum_seq", "scatter", "dropless")
+DISPATCHERS = ("einsum", "einsum_seq", "scatter", "scatter_full", "dropless", "grouped", "ragged_dot", "blocks")
+CPU_DEFAULT = ("einsum", "scatter", "scatter_full", "dropless")
 ACCEL_DEFAULT = ("einsum", "einsum_seq", "scatter", "grouped", "ragged_dot", "blocks")
 
 
@@ -76,6 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--gemm-calls", action="store_true",
                    help="instead: time one expert's GEMMs ([t, D] x [D, F] forward, [D, t] x [t, F] weight "
                         "gradient) for t = 32..1024 rows, per call (the per-expert fixed cost)")
+    p.add_argument("--floor", action="store_true",
+                   help="also time the experts alone (BatchedExperts forward+backward, no router, no dispatch) "
+                        "on [E, C_total, D] (the capacity buffer's rows) and on [E, T*K/E, D] (perfect balance, "
+                        "no slack): what the expert GEMMs cost by themselves at this E")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     p.add_argument("--no-pin", action="store_true", help="do not set single-thread XLA CPU flags")
     args = p.parse_args(argv)
@@ -95,7 +101,8 @@ def main(argv=None):
     import numpy as np
 
     from moe_jax import dispatch
-    from moe_jax.experts import DenseFFN
+    from moe_jax.capacity import compute_capacity
+    from moe_jax.experts import BatchedExperts, DenseFFN
     from moe_jax.moe import MoEConfig, MoELayer
 
     backend = jax.default_backend()
@@ -128,7 +135,9 @@ def main(argv=None):
         elif name == "einsum_seq":
             kw.update(dispatcher="einsum")
         elif name == "scatter":
-            kw.update(dispatcher="scatter")
+            kw.update(dispatcher="scatter")  # capacity_compute='auto': 'filled' on CPU, 'full' elsewhere
+        elif name == "scatter_full":
+            kw.update(dispatcher="scatter", capacity_compute="full")
         elif name == "dropless":
             kw.update(dispatcher="dropless", dropless_impl="auto")
         else:
@@ -147,6 +156,18 @@ def main(argv=None):
             return layer.apply({"params": params}, x, train=True, rngs={"router": kp})[1].metrics["drop_fraction"]
 
         return jax.jit(jax.grad(loss, argnums=(0, 1))), params, jax.jit(drop)
+
+    def build_floor(e, k, rows):
+        # the expert FFNs alone, forward + backward, on `rows` rows per expert
+        xe = jax.random.normal(kx, (e, rows, d), jnp.float32).astype(dtype)
+        re = jax.random.normal(kr, (e, rows, d), jnp.float32).astype(dtype)
+        experts = BatchedExperts(e, d, f, activation="gelu", dtype=dtype)
+        params = experts.init(kp, xe)["params"]
+
+        def loss(params, xe):
+            return jnp.sum((experts.apply({"params": params}, xe) * re).astype(jnp.float32))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, xe)
 
     def build_dense(k):
         ffn = DenseFFN(k * f, activation="gelu", dtype=dtype)
@@ -193,6 +214,11 @@ def main(argv=None):
         for e in experts_list:
             if k > e:
                 continue
+            if args.floor:
+                cap = b * compute_capacity(l, e, k, args.capacity_factor)  # G * C, the scatter buffer's rows
+                for label, nrows in (("floor_C", cap), ("floor_TK/E", -(-t * k // e))):
+                    fn, fargs = build_floor(e, k, nrows)
+                    fns.append((label, e, fn, fargs, None))
             for name in names:
                 cfg = moe_config(name, e, k)
                 try:
@@ -280,7 +306,8 @@ def markdown(rows, args, cpu=True) -> str:
     for r in rows:
         e = "" if r["e"] is None else str(r["e"])
         drop = "" if r["drop"] is None else f"{100 * r['drop']:.1f}%"
-        label = {"dense": f"dense FFN (F={r['k']}·{args.hidden})", "matmul": "one matmul, same FLOPs"}.get(
+        label = {"dense": f"dense FFN (F={r['k']}·{args.hidden})", "matmul": "one matmul, same FLOPs",
+                 "floor_C": "experts alone, C rows", "floor_TK/E": "experts alone, T·K/E rows"}.get(
             r["dispatcher"], r["dispatcher"])
         cpu_cells = f" {r['cpu_ms']:.1f} | {r['cpu_ratio']:.2f} |" if cpu else ""
         lines.append(f"| {r['k']} | {e} | {label} | {r['median_ms']:.1f} | {r['ratio']:.2f} |{cpu_cells} "

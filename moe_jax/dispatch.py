@@ -16,6 +16,9 @@ their semantics agree (same capacity, same slot order); the tests hold each agai
 2. ``scatter`` (capacity buffer): compute each kept assignment's flat buffer row ``e*G*C + g*C + c``; gather the
    tokens into ``[E, G*C, D]`` and gather the results back, weighted. No ``[G, S, E, C]`` tensor; the data
    movement is ``O(E*G*C*D + N*D)``, independent of S. Dropped assignments point at an all-zero row.
+   An expert's kept rows are packed first (group after group), so with ``filled_only`` (``MoEConfig.
+   capacity_compute='filled'``, the CPU default) each expert runs only on its filled rows
+   (``experts.filled_rows_ffn``) instead of all ``G*C``: about ``1/cf`` of the expert FLOPs.
 3. ``dropless`` (no capacity, static shapes): sort the N assignments by expert; pad each expert's run of rows
    to a multiple of the block size ``b``; the padded rows fit in the static bound
    ``R = b * ceil((N + E*(b-1)) / b)`` rows, i.e. ``NB = R / b`` blocks, each owned by one expert. The
@@ -180,9 +183,29 @@ def _buffer_rows(plan: CapacityPlan, num_groups: int) -> Array:
         g_idx = jnp.arange(num_groups)[:, None, None]
         rows = jnp.arange(e)[None, :, None] * (num_groups * c) + g_idx * c + jnp.arange(c)[None, None, :]
         return jnp.where(plan.kept, rows, end)  # [G, E, C]
-    g_idx = jnp.arange(num_groups)[:, None, None]
-    rows = plan.expert * (num_groups * c) + g_idx * c + plan.slot
+    # Token choice: an expert's rows are its kept assignments packed group after group (group g starts after
+    # the kept rows of groups < g), so expert e's filled rows are exactly [0, n_e) of its G*C
+    # (``_rows_used``): ``filled_rows_ffn`` can skip the empty tail. Row e*G*C + g*C + c would do as well.
+    offset = _group_offsets_per_expert(plan, num_groups)  # [G, E]
+    start = jnp.take_along_axis(offset, plan.expert.reshape(num_groups, -1), axis=1).reshape(plan.expert.shape)
+    rows = plan.expert * (num_groups * c) + start + plan.slot
     return jnp.where(plan.kept, rows, end)  # [G, S, K]
+
+
+def _kept_per_group_expert(plan: CapacityPlan) -> Array:
+    """``[G, E]`` int32: kept token-choice assignments of each group to each expert."""
+    onehot = jax.nn.one_hot(plan.expert, plan.num_experts, dtype=jnp.int32)  # [G, S, K, E]
+    return jnp.sum(onehot * plan.kept[..., None].astype(jnp.int32), axis=(1, 2))
+
+
+def _group_offsets_per_expert(plan: CapacityPlan, num_groups: int) -> Array:
+    counts = _kept_per_group_expert(plan)
+    return jnp.cumsum(counts, axis=0) - counts  # [G, E] exclusive prefix over groups
+
+
+def _rows_used(plan: CapacityPlan) -> Array:
+    """``[E]``: filled rows of each expert's ``G*C`` buffer rows (token choice; they come first)."""
+    return jnp.sum(_kept_per_group_expert(plan), axis=0)
 
 
 def _token_ids(plan: CapacityPlan, num_groups: int, group_size: int) -> Array:
@@ -509,11 +532,16 @@ def run_einsum(x, decision, experts, capacity, slot_order="choice_major", **_) -
     return DispatchResult(einsum_combine(ye, combine_mask), plan.kept, capacity)
 
 
-def run_scatter(x, decision, experts, capacity, slot_order="choice_major", **_) -> DispatchResult:
+def run_scatter(x, decision, experts, capacity, slot_order="choice_major", filled_only=False, **_) -> DispatchResult:
+    """``filled_only``: run each expert on its filled buffer rows only (``experts(xe, rows_used=...)``,
+    ``experts.filled_rows_ffn``; token choice), not on all ``G*C`` rows. Same result; faster on CPU."""
     if decision.kind == "soft":  # dense mixtures have no sparse buffer layout: the einsum path is the one
         return run_soft(x, decision, experts)
     plan = make_capacity_plan(decision, capacity, slot_order)
-    ye = experts(scatter_dispatch(x, plan))
+    if filled_only and plan.kind == "token_choice":
+        ye = experts(scatter_dispatch(x, plan), rows_used=_rows_used(plan))
+    else:
+        ye = experts(scatter_dispatch(x, plan))
     return DispatchResult(scatter_combine(ye, plan, x.shape[1]), plan.kept, capacity)
 
 

@@ -69,6 +69,10 @@ class MoEConfig:
       dropless_impl: 'auto' (the fastest measured on the backend, ``dispatch.default_dropless_impl``:
         'grouped' on CPU, 'blocks' on GPU), 'grouped' (a loop of GEMMs over sorted rows), 'ragged_dot'
         (``jax.lax.ragged_dot``) or 'blocks' (block-padded rows, weights gathered per block).
+      capacity_compute: what the capacity dispatcher 'scatter' computes: 'filled' (each expert only on its
+        filled buffer rows, rounded up to a small quantum: ``experts.filled_rows_ffn``, a loop of one GEMM per
+        expert), 'full' (all ``G*C`` rows as one batched matmul) or 'auto' ('filled' on CPU, 'full'
+        elsewhere, and always 'full' under a device mesh). Same result either way; see docs/perf.md.
     Experts:
       expert_hidden: F. activation: 'gelu', 'relu', 'silu'. glu: gated (SwiGLU with silu).
       num_shared_experts, shared_expert_hidden: always-on experts (None width = F).
@@ -107,6 +111,7 @@ class MoEConfig:
     slot_order: str = "choice_major"
     dropless_block_size: Optional[int] = None
     dropless_impl: str = "auto"
+    capacity_compute: str = "auto"
     expert_hidden: int = 256
     activation: str = "gelu"
     glu: bool = False
@@ -158,6 +163,11 @@ class MoEConfig:
             return dispatch_lib.default_dropless_impl(sharded=sharded)
         return self.dropless_impl
 
+    def resolved_capacity_compute(self, sharded: bool = False) -> str:
+        if self.capacity_compute == "auto":
+            return "filled" if jax.default_backend() == "cpu" and not sharded else "full"
+        return self.capacity_compute
+
     def resolved_dispatcher(self) -> str:
         return dispatch_lib.default_dispatcher() if self.dispatcher == "auto" else self.dispatcher
 
@@ -177,6 +187,8 @@ class MoEConfig:
             if value is None or not value > 0:
                 raise ValueError(f"moe.{name} must be > 0, got {value!r}; use e.g. 1.25, or "
                                  "dispatcher='dropless' for no capacity limit.")
+        if self.capacity_compute not in ("auto", "filled", "full"):
+            raise ValueError(f"moe.capacity_compute must be 'auto', 'filled' or 'full', got {self.capacity_compute!r}.")
         if self.slot_order not in ("choice_major", "token_major"):
             raise ValueError(f"moe.slot_order must be 'choice_major' or 'token_major', got {self.slot_order!r}.")
         if self.activation not in ACTIVATIONS:
@@ -361,7 +373,8 @@ class MoELayer(nn.Module):
         if mesh is None:
             result = dispatch_lib.get_dispatcher(dispatcher)(
                 xg.astype(self.dtype), decision, experts, capacity, slot_order=cfg.slot_order,
-                block_size=cfg.dropless_block_size, impl=impl)
+                block_size=cfg.dropless_block_size, impl=impl,
+                filled_only=cfg.resolved_capacity_compute() == "filled")
         else:
             parallel.check_layer_divisibility(mesh, cfg.num_experts, g, (b, l), s)
             result = parallel.run_expert_parallel(

@@ -164,9 +164,54 @@ def test_capacity_dispatchers_match_loop_reference(case):
         assert ref_kept.any() and (valid & ~ref_kept).any(), "case has no capacity drops"
         last = ref_kept[G - 1] & (arrays["expert_index"][G - 1] == E - 1)
         assert last.sum() == case.capacity, "the last buffer row should be in use"
-    outs = _loss_fn(case, arrays, [_dispatcher_runner(case, name) for name in ["einsum", "scatter"]])(x, params, w0)
+    runners = [_dispatcher_runner(case, "einsum"), _dispatcher_runner(case, "scatter"),
+               _dispatcher_runner(case, "scatter", filled_only=True)]  # experts on their filled rows only
+    outs = _loss_fn(case, arrays, runners)(x, params, w0)
     for out in outs:
         _assert_same(case, ref, out)
+
+
+@pytest.mark.parametrize("glu", [False, True])
+def test_filled_rows_ffn_matches_batched_experts_on_filled_rows(glu):
+    """``filled_rows_ffn`` against the batched FFN: E=4 experts, M=12 rows, quantum 4, rows_used 0, 5, 12, 8.
+
+    Expert 1 has 5 filled rows, so it computes 8 (two quanta): rows 5..7 are zero input rows computed anyway,
+    rows 8..11 are skipped. Expert 0 computes nothing, expert 2 everything, expert 3 exactly two quanta.
+    Over the filled rows (and a cotangent that is zero elsewhere, as the dispatcher's is) output and all
+    gradients equal the batched form; outside them the output and d x are exactly 0.
+    """
+    from moe_jax.experts import ffn_apply, filled_rows_ffn
+
+    e, m, d, f = 4, 12, 3, 5
+    rng = np.random.default_rng(5)
+    used = np.array([0, 5, 12, 8], np.int32)
+    filled = np.arange(m)[None, :, None] < used[:, None, None]  # [E, M, 1]
+    x = jnp.asarray(rng.normal(size=(e, m, d)) * filled, jnp.float32)  # empty rows are zero, as in the buffer
+    r = jnp.asarray(rng.normal(size=(e, m, d)) * filled, jnp.float32)
+    params = {"wi": rng.normal(size=(e, d, f)), "wo": rng.normal(size=(e, f, d))}
+    if glu:
+        params["wg"] = rng.normal(size=(e, d, f))
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+
+    def batched(x, p):
+        return jnp.sum(ffn_apply(p, x, "silu", "end,edf->enf", "enf,efd->end", jnp.float32) * r)
+
+    def skipping(x, p):
+        y = filled_rows_ffn(x, jnp.asarray(used), p, "silu", 4)
+        return jnp.sum(y * r), y
+
+    (ref, (gx_ref, gp_ref)) = jax.value_and_grad(batched, argnums=(0, 1))(x, params)
+    ((val, y), (gx, gp)) = jax.jit(jax.value_and_grad(skipping, argnums=(0, 1), has_aux=True))(x, params)
+    np.testing.assert_allclose(val, ref, rtol=1e-5, atol=1e-5)
+    y_ref = ffn_apply(params, x, "silu", "end,edf->enf", "enf,efd->end", jnp.float32)
+    np.testing.assert_allclose(np.asarray(y) * filled, np.asarray(y_ref) * filled, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(y)[~np.broadcast_to(filled, y.shape)] == 0.0)
+    np.testing.assert_allclose(np.asarray(gx) * filled, np.asarray(gx_ref) * filled, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(gx)[~np.broadcast_to(filled, gx.shape)] == 0.0)
+    assert set(gp) == set(gp_ref)
+    for k in gp:
+        np.testing.assert_allclose(gp[k], gp_ref[k], rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(gp["wi"])[0] == 0.0) and np.any(np.asarray(gp["wi"])[1] != 0.0)
 
 
 DROPLESS_CASES = [

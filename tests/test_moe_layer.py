@@ -250,6 +250,43 @@ def test_dispatchers_agree_inside_the_layer():
     assert float(jnp.abs(y_big - y_e).max()) > 1e-3  # the drops did change something
 
 
+def test_capacity_compute_filled_equals_full():
+    # scatter with the experts on their filled rows only ('filled', the CPU default) == all G*C buffer rows
+    # ('full'), in output, stats and gradients; K=2 at train capacity factor 0.5, so something drops.
+    x = jax.random.normal(jax.random.key(2), (2, 8, 8))
+    r = jax.random.normal(jax.random.key(3), (2, 8, 8))
+
+    def cfg_of(compute):
+        return MoEConfig(num_experts=4, k=2, router="mixtral", expert_hidden=16, dispatcher="scatter",
+                         capacity_factor=0.5, slot_order="token_major", router_init_std=1.0, glu=True,
+                         capacity_compute=compute)
+
+    assert cfg_of("auto").resolved_capacity_compute() == ("filled" if jax.default_backend() == "cpu" else "full")
+    assert cfg_of("auto").resolved_capacity_compute(sharded=True) == "full"
+    params = make_params(cfg_of("full"), 8)
+
+    @jax.jit
+    def run_both(params, x):
+        def loss(compute):
+            def f(params, x):
+                y, stats = MoELayer(cfg_of(compute)).apply({"params": params}, x, train=True)
+                return jnp.sum(y * r) + stats.aux_loss, (y, stats)
+            return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, x)
+        return {c: loss(c) for c in ("full", "filled")}
+
+    outs = run_both(params, x)
+    (l_full, (y_full, s_full)), g_full = outs["full"]
+    (l_fill, (y_fill, s_fill)), g_fill = outs["filled"]
+    assert float(s_full.metrics["drop_fraction"]) > 0
+    np.testing.assert_allclose(y_fill, y_full, atol=1e-5)
+    np.testing.assert_allclose(l_fill, l_full, atol=1e-5)
+    np.testing.assert_allclose(s_fill.metrics["drop_fraction"], s_full.metrics["drop_fraction"])
+    for a, b in zip(jax.tree.leaves(g_fill), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="moe.capacity_compute"):
+        cfg_of("some").validate()
+
+
 def test_group_size_splits_sequences_into_independent_groups():
     # x [B=2, L=8, D] with group_size=4 is G=4 groups of S=4 tokens: the same as a batch of four length-4
     # sequences with one group per sequence (group_size=None). Capacity is per group:
