@@ -21,7 +21,8 @@ Rows (``--dispatchers``):
 * ``scatter_full``: the same with ``capacity_compute='full'`` (one batched matmul over all ``G*C`` rows);
 * ``dropless``: dropless with ``dropless_impl='auto'`` (the backend's default: ``grouped`` on CPU,
   ``ragged_dot`` on GPU);
-* ``grouped``: dropless on rows sorted by expert, a loop of GEMMs (``dispatch.grouped_matmul``);
+* ``grouped``: dropless on rows sorted by expert, a loop over experts of one FFN per chunk of rows
+  (``experts.sorted_rows_ffn``);
 * ``ragged_dot``: dropless with ``jax.lax.ragged_dot`` (on CPU it costs E times the useful work);
 * ``blocks``: dropless, block-padded rows with per-block gathered weights (``dropless_impl='blocks'``).
 
@@ -82,6 +83,11 @@ def parse_args(argv=None):
                    help="also time the experts alone (BatchedExperts forward+backward, no router, no dispatch) "
                         "on [E, C_total, D] (the capacity buffer's rows) and on [E, T*K/E, D] (perfect balance, "
                         "no slack): what the expert GEMMs cost by themselves at this E")
+    p.add_argument("--probes", action="store_true",
+                   help="instead: two CPU probes behind docs/perf.md: one projection [T/L, L, D] x [D, F] forward + "
+                        "backward with the token axes kept (3-D) against flattened (2-D, experts.on_rows); and "
+                        "writing a fresh float32 [64, D, F] buffer (an E=64 weight gradient) against adding two "
+                        "existing ones")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     p.add_argument("--no-pin", action="store_true", help="do not set single-thread XLA CPU flags")
     args = p.parse_args(argv)
@@ -109,6 +115,8 @@ def main(argv=None):
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     if args.gemm_calls:
         return gemm_calls(args, dtype)
+    if args.probes:
+        return probes(args, dtype)
     experts_list = [int(v) for v in args.experts.split(",")]
     k_list = [int(v) for v in args.k.split(",")]
     if args.dispatchers:
@@ -295,6 +303,41 @@ def gemm_calls(args, dtype):
         per_call = float(np.median(cpu[i])) / n
         print(f"| {t} | {name} | {per_call * 1e3:.3f} | "
               f"{per_call / t * 1e6:.1f} | {2 * t * d * f / per_call / 1e9:.0f} |")
+
+
+def probes(args, dtype):
+    """CPU probes: (1) a [B, L, D] projection with two token axes vs flattened; (2) a fresh [64, D, F] buffer."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    t, l, d, f = args.tokens, args.seq_len, args.d_model, args.hidden
+    x = jax.random.normal(jax.random.key(0), (t // l, l, d), jnp.float32).astype(dtype)
+    w = jax.random.normal(jax.random.key(1), (d, f), jnp.float32).astype(dtype)
+    grad = lambda loss: jax.jit(jax.grad(loss, argnums=(0, 1)))
+    fns = {
+        f"projection [{t // l},{l},{d}]·[{d},{f}], fwd+bwd, token axes kept (3-D einsum)":
+            (grad(lambda w, x: jnp.sum(jnp.einsum("bld,df->blf", x, w) ** 2)), (w, x)),
+        f"the same on flattened rows [{t},{d}] (experts.on_rows)":
+            (grad(lambda w, x: jnp.sum((x.reshape(-1, d) @ w) ** 2)), (w, x)),
+    }
+    big = jax.random.normal(jax.random.key(2), (64, d, f), jnp.float32)
+    fns[f"write a fresh [64,{d},{f}] float32 buffer (broadcast of a scalar)"] = (
+        jax.jit(lambda a: jnp.broadcast_to(a, (64, d, f))), (jnp.float32(1.0),))
+    fns[f"add two existing [64,{d},{f}] buffers into a fresh one"] = (jax.jit(lambda a, b: a + b), (big, big))
+    for fn, a in fns.values():
+        jax.block_until_ready(fn(*a))
+    times = {name: [] for name in fns}
+    for _ in range(max(args.repeats, 3)):
+        for name, (fn, a) in fns.items():
+            t0 = time.perf_counter()
+            out = fn(*a)
+            jax.block_until_ready(out)
+            times[name].append(time.perf_counter() - t0)
+            del out
+    print("| probe | median ms |\n|---|---:|")
+    for name, ts in times.items():
+        print(f"| {name} | {np.median(ts) * 1e3:.1f} |")
 
 
 def markdown(rows, args, cpu=True) -> str:

@@ -28,8 +28,8 @@ their semantics agree (same capacity, same slot order); the tests hold each agai
    (``NB*D*F`` values; small next to ``b*D*F`` multiply-adds per block; its backward is a scatter-add of
    ``[NB, D, F]`` into ``[E, D, F]``, which is what makes this layout slow on CPU at large E).
    Without padding, on rows sorted by expert (``ragged_dot_experts``): ``dropless_impl='grouped'``
-   (``grouped_matmul``: a loop of plain GEMMs, one or a few per expert, forward and backward; the CPU
-   default) or ``'ragged_dot'`` (``jax.lax.ragged_dot``: on CPU a masked dense product costing E times the
+   (``experts.sorted_rows_ffn``: a loop over experts, each one FFN per chunk of its rows, forward and
+   backward; the CPU default) or ``'ragged_dot'`` (``jax.lax.ragged_dot``: on CPU a masked dense product costing E times the
    useful work; on GPU with jax 0.11 its weight gradient is also dense-masked, so ``'blocks'`` is the GPU
    default). ``dropless_impl='auto'`` picks per backend (``default_dropless_impl``).
 4. All gathers of token rows use ``take_rows``, whose backward is a gather as well (no scatter-add).
@@ -328,133 +328,12 @@ def dropless_combine(yb: Array, plan: DroplessPlan) -> Array:
     return jnp.sum(gathered * plan.weight[..., None].astype(yb.dtype), axis=2)
 
 
-def _group_offsets(group_sizes: Array) -> tuple:
-    ends = jnp.cumsum(group_sizes)
-    return ends - group_sizes, ends
-
-
-def _tile_sizes(tile: int, quantum: int) -> list:
-    return list(range(quantum, tile + 1, quantum))
-
-
-def _gmm_loop(x: Array, w: Array, group_sizes: Array, tile: int, quantum: int, transpose_w: bool) -> Array:
-    """``x[M, Din]``, ``w[E, Din, Dout]`` (``[E, Dout, Din]`` if ``transpose_w``) -> ``[M, Dout]``, rows of group
-    e times ``w[e]``; rows past ``sum(group_sizes)`` are zero.
-
-    A loop over the groups; inside, full tiles of ``tile`` rows, then the remainder as ONE product whose row
-    count is rounded up to a multiple of ``quantum`` (a ``lax.switch`` over the ``tile / quantum`` static
-    sizes; the extra rows belong to the next group and are masked). Each 2-D dot is a plain GEMM call.
-    """
-    m, din = x.shape
-    e = w.shape[0]
-    dout = w.shape[1] if transpose_w else w.shape[2]
-    dims = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
-    starts, ends = _group_offsets(group_sizes)
-    xp = jnp.concatenate([x, jnp.zeros((tile, din), x.dtype)], axis=0)  # [M + tile, Din]
-    out = jnp.zeros((m + tile, dout), x.dtype)
-
-    def group(i, out):
-        wi = jax.lax.dynamic_index_in_dim(w, i, 0, keepdims=False)
-        start, end = starts[i], ends[i]
-        n_full = (end - start) // tile
-
-        def full(j, out):
-            r0 = start + j * tile
-            y = jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(xp, r0, tile), wi, dims).astype(x.dtype)
-            return jax.lax.dynamic_update_slice_in_dim(out, y, r0, 0)
-
-        out = jax.lax.fori_loop(0, n_full, full, out)
-        r0 = start + n_full * tile
-        rem = end - r0
-
-        def part(size):
-            def f(_):
-                y = jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(xp, r0, size), wi, dims).astype(x.dtype)
-                y = jnp.where((jnp.arange(size) < rem)[:, None], y, 0)
-                return jnp.pad(y, ((0, tile - size), (0, 0)))  # [tile, Dout]
-            return f
-
-        # The switch returns the padded tile; the write happens outside it (a switch that carried `out` would
-        # copy the whole buffer). Rows past `end` are zeros written over later groups' rows, which those
-        # groups overwrite afterwards (groups run in order).
-        def write(out):
-            y = jax.lax.switch((rem - 1) // quantum, [part(n) for n in _tile_sizes(tile, quantum)], 0)
-            return jax.lax.dynamic_update_slice_in_dim(out, y, r0, 0)
-
-        return jax.lax.cond(rem > 0, write, lambda o: o, out)
-
-    return jax.lax.fori_loop(0, e, group, out)[:m]
-
-
-def _tgmm_loop(x: Array, dy: Array, group_sizes: Array, num_groups: int, tile: int, quantum: int) -> Array:
-    """``x[M, Din]``, ``dy[M, Dout]`` -> ``[E, Din, Dout]``: ``x_e^T dy_e`` per group (the weight gradient)."""
-    m, din = x.shape
-    dout = dy.shape[1]
-    starts, ends = _group_offsets(group_sizes)
-    xp = jnp.concatenate([x, jnp.zeros((tile, din), x.dtype)], axis=0)
-    dyp = jnp.concatenate([dy, jnp.zeros((tile, dout), dy.dtype)], axis=0)
-    dims = (((0,), (0,)), ((), ()))
-
-    def group(i):
-        start, end = starts[i], ends[i]
-        n_full = (end - start) // tile
-
-        def full(j, acc):
-            r0 = start + j * tile
-            return acc + jax.lax.dot_general(jax.lax.dynamic_slice_in_dim(xp, r0, tile),
-                                             jax.lax.dynamic_slice_in_dim(dyp, r0, tile), dims).astype(acc.dtype)
-
-        acc = jax.lax.fori_loop(0, n_full, full, jnp.zeros((din, dout), x.dtype))
-        r0 = start + n_full * tile
-        rem = end - r0
-
-        def part(size):
-            def f(acc):
-                xt = jax.lax.dynamic_slice_in_dim(xp, r0, size)
-                xt = jnp.where((jnp.arange(size) < rem)[:, None], xt, 0)  # rows of the next group
-                return acc + jax.lax.dot_general(xt, jax.lax.dynamic_slice_in_dim(dyp, r0, size), dims).astype(acc.dtype)
-            return f
-
-        branches = [lambda acc: acc] + [part(n) for n in _tile_sizes(tile, quantum)]
-        return jax.lax.switch((rem + quantum - 1) // quantum, branches, acc)
-
-    return jax.lax.map(group, jnp.arange(num_groups))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def grouped_matmul(x: Array, w: Array, group_sizes: Array, tile: int = 512, quantum: int = 32) -> Array:
-    """``jax.lax.ragged_dot(x, w, group_sizes)`` for CPU: ``x[M, Din]`` (rows sorted by group), ``w[E, Din, Dout]``,
-    ``group_sizes[E]`` int -> ``[M, Dout]``; rows past ``sum(group_sizes)`` are zero.
-
-    Why: on CPU ``ragged_dot`` lowers to a masked dense product (E times the work) and the block layout
-    gathers ``[NB, Din, Dout]`` weight copies. Here every group is one or a few plain GEMM calls on its own
-    rows (see ``_gmm_loop``); the backward is the same loop with ``w`` transposed for ``dx`` and a per-group
-    ``x^T dy`` for ``dw`` (no scatter-add, no gathered weights). Cost: the useful work, plus per group at most
-    ``quantum - 1`` masked rows and one GEMM call's fixed overhead (packing the ``Din x Dout`` weight, about
-    as much as 40 rows for the forward and 130 for the weight gradient at D=512, F=1024; docs/perf.md).
-    """
-    return _gmm_loop(x, w, group_sizes, tile, quantum, False)
-
-
-def _grouped_matmul_fwd(x, w, group_sizes, tile, quantum):
-    return _gmm_loop(x, w, group_sizes, tile, quantum, False), (x, w, group_sizes)
-
-
-def _grouped_matmul_bwd(tile, quantum, res, g):
-    x, w, group_sizes = res
-    dx = _gmm_loop(g.astype(x.dtype), w, group_sizes, tile, quantum, True)
-    dw = _tgmm_loop(x, g.astype(x.dtype), group_sizes, w.shape[0], 2 * tile, 2 * quantum)
-    return dx, dw.astype(w.dtype), None
-
-
-grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
-
 SORTED_IMPLS = ("ragged_dot", "grouped")
 
 
 def default_dropless_impl(backend: Optional[str] = None, sharded: bool = False) -> str:
     """What ``MoEConfig.dropless_impl='auto'`` resolves to (the fastest measured there, see docs/perf.md):
-    ``'grouped'`` on CPU (``grouped_matmul``), ``'blocks'`` elsewhere. On an H100 with jax 0.11.2 the
+    ``'grouped'`` on CPU (``experts.sorted_rows_ffn``), ``'blocks'`` elsewhere. On an H100 with jax 0.11.2 the
     ``'blocks'`` layout beat ``'ragged_dot'`` (forward+backward, bf16, T=8192: 1.5 vs 2.9 ms at E=8, 3.2 vs
     17.4 ms at E=64): the transpose of ``ragged_dot`` (the weight gradient) lowers to a dense masked
     ``[E, N, F]`` product there. ``'grouped'`` is a loop of small kernels, for CPU only.
@@ -470,10 +349,10 @@ def ragged_dot_experts(x: Array, decision: RoutingDecision, params: Dict[str, Ar
 
     ``params`` are the stacked expert weights ``wi/wg [E, D, F]``, ``wo [E, F, D]``. ``impl``:
     ``'ragged_dot'`` uses ``jax.lax.ragged_dot`` (the fast path on GPU; E times the work on CPU),
-    ``'grouped'`` uses ``grouped_matmul`` (CPU). The sort and its inverse are ``take_rows`` gathers, so the
+    ``'grouped'`` uses ``experts.sorted_rows_ffn`` (CPU). The sort and its inverse are ``take_rows`` gathers, so the
     backward pass has no scatter-add either.
     """
-    from moe_jax.experts import get_activation
+    from moe_jax.experts import get_activation, sorted_rows_chunk, sorted_rows_ffn
 
     if impl not in SORTED_IMPLS:
         raise ValueError(f"MoEConfig.dropless_impl: unknown {impl!r}; choose one of {SORTED_IMPLS}.")
@@ -489,14 +368,15 @@ def ragged_dot_experts(x: Array, decision: RoutingDecision, params: Dict[str, Ar
     row_of_assignment = _inverse_rows(jnp.where(row_valid, order, n), n)  # [N]; N if invalid
     row_token = jnp.where(row_valid, order // k, t)  # [N]; T (the zero row) past the valid rows
     xs = take_rows(x.reshape(t, d), row_token, row_of_assignment.reshape(t, k)).astype(dtype)  # [N, D] sorted
-    if impl == "ragged_dot":
-        matmul = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), counts)
+    if impl == "grouped":
+        cast = {name: w.astype(dtype) for name, w in params.items()}
+        ys = sorted_rows_ffn(xs, counts, cast, activation, sorted_rows_chunk(n, e))  # [N, D]
     else:
-        matmul = lambda a, w: grouped_matmul(a, w.astype(dtype), counts)
-    act = get_activation(activation)
-    h = matmul(xs, params["wi"])
-    h = act(matmul(xs, params["wg"])) * h if "wg" in params else act(h)
-    ys = matmul(h, params["wo"])  # [N, D]
+        matmul = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), counts)
+        act = get_activation(activation)
+        h = matmul(xs, params["wi"])
+        h = act(matmul(xs, params["wg"])) * h if "wg" in params else act(h)
+        ys = matmul(h, params["wo"])  # [N, D]
     ys = jnp.where(row_valid[:, None], ys, 0)
     inverse = jnp.where(row_valid, order, n)[:, None]  # [N, 1] assignment held by each sorted row
     y = take_rows(ys, row_of_assignment, inverse).reshape(g, s, k, d)  # [G, S, K, D]

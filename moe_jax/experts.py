@@ -240,3 +240,127 @@ class BatchedExperts(nn.Module):
         params = self.params(x.shape[-1])
         single = {k: v[e] for k, v in params.items()}
         return ffn_apply(single, x, self.activation, "d,df->f", "f,fd->d", self.dtype)
+
+
+# ------------------------------------------------------------------------------ dropless: rows sorted by expert
+
+
+def sorted_rows_chunk(num_rows: int, num_experts: int) -> int:
+    """Chunk size Q of ``sorted_rows_ffn``: twice the mean rows per expert, a multiple of 16, at least 16."""
+    return max(16, -(-2 * num_rows // (num_experts * 16)) * 16)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def sorted_rows_ffn(x: Array, group_sizes: Array, params: Dict[str, Array], activation: str, chunk: int) -> Array:
+    """Expert FFNs on rows sorted by expert: ``x[N, D]``, ``group_sizes[E]`` -> ``[N, D]`` (the dropless layout).
+
+    Expert e owns rows ``[start_e, start_e + n_e)`` (``start = cumsum(n) - n``). It runs in chunks of ``chunk``
+    rows and a remainder rounded up to ``chunk / 16`` rows (a ``lax.switch`` over 17 static row counts), each
+    chunk one FFN (all of its products on the same rows), experts in order. A remainder may compute a few rows
+    of the next expert with this expert's weights; the next expert overwrites them (experts run in order), and
+    rows past ``sum(n)`` must be masked by the caller (``ragged_dot_experts`` does). Backward: the same loop
+    (custom VJP) with the cotangent of rows outside the expert masked, the pre-activations kept from the
+    forward pass, and one weight gradient per expert accumulated over its chunks.
+    """
+    return _sorted_fwd(x, group_sizes, params, activation, chunk)[0]
+
+
+def _sorted_setup(x, group_sizes, params, activation, chunk):
+    n, d = x.shape
+    glu = "wg" in params
+    quantum = max(1, chunk // 16)
+    counts = _row_counts(chunk, quantum)
+    starts = (jnp.cumsum(group_sizes) - group_sizes).astype(jnp.int32)
+    return n, d, glu, _glu_or_act(activation, glu), quantum, counts, starts
+
+
+def _sorted_fwd(x, group_sizes, params, activation, chunk):
+    n, d, glu, mix, quantum, counts, starts = _sorted_setup(x, group_sizes, params, activation, chunk)
+    f = params["wi"].shape[-1]
+    pad = lambda a: jnp.concatenate([a, jnp.zeros((chunk,) + a.shape[1:], a.dtype)], axis=0)
+    xp = pad(x)  # [N + Q, D]
+
+    def rows(r, r0, p):
+        """The FFN on rows [r0, r0 + r), padded to ``chunk`` rows: (y, h, hg)."""
+        xr = jax.lax.dynamic_slice_in_dim(xp, r0, r)
+        hr = xr @ p["wi"]
+        hgr = xr @ p["wg"] if glu else hr[:, :1]
+        out = (mix(hr, hgr if glu else hr) @ p["wo"], hr, hgr)
+        return tuple(jnp.pad(a, ((0, chunk - r), (0, 0))) for a in out)
+
+    def write(bufs, tiles, r0):
+        return tuple(jax.lax.dynamic_update_slice_in_dim(b, t, r0, 0) for b, t in zip(bufs, tiles))
+
+    def expert(e, bufs):
+        p = {k: jax.lax.dynamic_index_in_dim(v, e, 0, keepdims=False) for k, v in params.items()}
+        start, size = starts[e], group_sizes[e]
+        n_full = size // chunk
+        bufs = jax.lax.fori_loop(0, n_full, lambda j, b: write(b, rows(chunk, start + j * chunk, p),
+                                                               start + j * chunk), bufs)
+        r0, rem = start + n_full * chunk, size - n_full * chunk
+
+        # The switch returns the padded tiles and the write happens outside it: a switch that carried the
+        # buffers would copy them whole. Padding rows land on later experts' rows, which they overwrite.
+        def remainder(bufs):
+            tiles = jax.lax.switch(jnp.clip(-(-rem // quantum) - 1, 0, len(counts) - 2),
+                                   [functools.partial(rows, r, r0) for r in counts[1:]], p)
+            return write(bufs, tiles, r0)
+
+        return jax.lax.cond(rem > 0, remainder, lambda b: b, bufs)
+
+    zeros = lambda w: jnp.zeros((n + chunk, w), x.dtype)
+    y, h, hg = jax.lax.fori_loop(0, group_sizes.shape[0], expert, (zeros(d), zeros(f), zeros(f if glu else 1)))
+    return y[:n], (x, group_sizes, params, h, hg)
+
+
+def _sorted_bwd(activation, chunk, res, dy):
+    x, group_sizes, params, h, hg = res
+    n, d, glu, mix, quantum, counts, starts = _sorted_setup(x, group_sizes, params, activation, chunk)
+    pad = lambda a: jnp.concatenate([a, jnp.zeros((chunk,) + a.shape[1:], a.dtype)], axis=0)
+    xp, dyp = pad(x), pad(dy.astype(x.dtype))
+
+    def rows(r, r0, end, p):
+        """Rows [r0, r0 + r) of one expert (those >= end are another's: cotangent 0): (dx tile, grads)."""
+        xr = jax.lax.dynamic_slice_in_dim(xp, r0, r)
+        keep = (r0 + jnp.arange(r) < end)[:, None]
+        dyr = jnp.where(keep, jax.lax.dynamic_slice_in_dim(dyp, r0, r), 0)
+        hr = jax.lax.dynamic_slice_in_dim(h, r0, r)
+        hgr = jax.lax.dynamic_slice_in_dim(hg, r0, r) if glu else hr
+        a, mix_vjp = jax.vjp(mix, hr, hgr)
+        dh, dhg = mix_vjp(dyr @ p["wo"].T)
+        grads = {"wo": a.T @ dyr, "wi": xr.T @ dh}
+        dxr = dh @ p["wi"].T
+        if glu:
+            grads["wg"] = xr.T @ dhg
+            dxr = dxr + dhg @ p["wg"].T
+        return jnp.pad(dxr, ((0, chunk - r), (0, 0))), grads
+
+    def add(carry, out, r0):
+        dx, grads = carry
+        tile, inc = out
+        return (jax.lax.dynamic_update_slice_in_dim(dx, tile, r0, 0),
+                jax.tree.map(jnp.add, grads, inc))
+
+    def expert(dx, e_params):
+        e, p = e_params
+        start, size = starts[e], group_sizes[e]
+        end = start + size
+        n_full = size // chunk
+        carry = (dx, jax.tree.map(jnp.zeros_like, p))
+        carry = jax.lax.fori_loop(0, n_full, lambda j, c: add(c, rows(chunk, start + j * chunk, end, p),
+                                                              start + j * chunk), carry)
+        r0, rem = start + n_full * chunk, size - n_full * chunk
+
+        def remainder(carry):
+            out = jax.lax.switch(jnp.clip(-(-rem // quantum) - 1, 0, len(counts) - 2),
+                                 [functools.partial(rows, r, r0, end) for r in counts[1:]], p)
+            return add(carry, out, r0)
+
+        return jax.lax.cond(rem > 0, remainder, lambda c: c, carry)
+
+    num = group_sizes.shape[0]
+    dx, dparams = jax.lax.scan(expert, jnp.zeros((n + chunk, d), x.dtype), (jnp.arange(num), params))
+    return dx[:n], None, dparams
+
+
+sorted_rows_ffn.defvjp(_sorted_fwd, _sorted_bwd)

@@ -67,7 +67,7 @@ class MoEConfig:
       slot_order: 'choice_major' (all first choices first; GShard) or 'token_major' (strictly causal).
       dropless_block_size: rows per block of the dropless layout; None = automatic.
       dropless_impl: 'auto' (the fastest measured on the backend, ``dispatch.default_dropless_impl``:
-        'grouped' on CPU, 'blocks' on GPU), 'grouped' (a loop of GEMMs over sorted rows), 'ragged_dot'
+        'grouped' on CPU, 'blocks' on GPU), 'grouped' (a loop over experts on rows sorted by expert), 'ragged_dot'
         (``jax.lax.ragged_dot``) or 'blocks' (block-padded rows, weights gathered per block).
       capacity_compute: what the capacity dispatcher 'scatter' computes: 'filled' (each expert only on its
         filled buffer rows, rounded up to a small quantum: ``experts.filled_rows_ffn``, a loop of one GEMM per

@@ -314,3 +314,49 @@ def test_dropless_block_bound():
     assert plan4.num_blocks == -(-(12 + 4 * 3) // 4)  # 6
     np.testing.assert_array_equal(plan4.block_expert[:4], [0, 1, 2, 3])
     np.testing.assert_array_equal(np.asarray(plan4.row_of_assignment).reshape(-1) // 4, experts)
+
+
+@pytest.mark.parametrize("glu", [False, True])
+def test_sorted_rows_ffn_matches_per_row_experts(glu):
+    """``sorted_rows_ffn`` (the CPU dropless kernel) against every row through its own expert.
+
+    60 rows sorted by expert with group sizes 0, 37, 5, 11 (53 real rows, 7 trailing rows belong to no expert),
+    chunk 32, so the row quantum is 2: expert 1 runs one full chunk and a remainder of 5 rounded to 6 (one row
+    of expert 2 computed with expert 1's weights, then overwritten), expert 2 spills into expert 3, expert 3
+    into the trailing rows. Over the 53 real rows output and gradients equal the reference; the trailing rows
+    are the caller's to mask (the cotangent is zero there, as in ``ragged_dot_experts``).
+    """
+    from moe_jax.experts import ffn_apply, sorted_rows_ffn
+
+    e, n, d, f = 4, 60, 3, 5
+    sizes = np.array([0, 37, 5, 11], np.int32)
+    owner = np.repeat(np.arange(e), sizes)  # [53] expert of each real row
+    real = len(owner)
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    r = jnp.asarray(rng.normal(size=(n, d)) * (np.arange(n) < real)[:, None], jnp.float32)
+    params = {"wi": rng.normal(size=(e, d, f)) / np.sqrt(d), "wo": rng.normal(size=(e, f, d)) / np.sqrt(f)}
+    if glu:
+        params["wg"] = rng.normal(size=(e, d, f)) / np.sqrt(d)
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+    onehot = jnp.asarray(np.eye(e)[owner], jnp.float32)  # [53, E]
+
+    def reference(x, p):
+        every = ffn_apply(p, jnp.broadcast_to(x[:real], (e, real, d)), "gelu", "end,edf->enf", "enf,efd->end",
+                          jnp.float32)  # [E, 53, D]: every real row through every expert
+        y = jnp.einsum("ne,end->nd", onehot, every)
+        return jnp.sum(y * r[:real]), y
+
+    def kernel(x, p):
+        y = sorted_rows_ffn(x, jnp.asarray(sizes), p, "gelu", 32)
+        return jnp.sum(y * r), y
+
+    (ref, y_ref), (gx_ref, gp_ref) = jax.value_and_grad(reference, argnums=(0, 1), has_aux=True)(x, params)
+    (val, y), (gx, gp) = jax.jit(jax.value_and_grad(kernel, argnums=(0, 1), has_aux=True))(x, params)
+    np.testing.assert_allclose(val, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y[:real], y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx[:real], gx_ref[:real], rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(gx)[real:] == 0.0)
+    for k in gp_ref:
+        np.testing.assert_allclose(gp[k], gp_ref[k], rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(gp["wi"])[0] == 0.0)  # expert 0 owns no row
