@@ -84,11 +84,11 @@ def filled_rows_ffn(x: Array, rows_used: Array, params: Dict[str, Array], activa
     Expert e computes only its first ``rows_used[e]`` rows, rounded up to a multiple of ``quantum`` (a
     ``lax.switch`` over the static row counts ``0, q, 2q, ..., M``); its other rows are taken as absent: their
     output is 0 and their gradient is 0 (the capacity dispatcher never reads them). Over the filled rows the
-    result equals ``ffn_apply`` with ``'end,edf->enf'`` exactly (same products, same order).
+    result equals ``ffn_apply`` with ``'end,edf->enf'`` (the same products on fewer rows; up to rounding).
 
-    Why: a capacity buffer has ``cf * K * T`` rows but only about ``K * T`` of them hold tokens; on CPU the
-    batched matmul pays for every row (1.25x at cf = 1.25), a loop of one GEMM per expert on its filled rows
-    only for the rows that hold tokens (docs/perf.md). The backward pass is the same loop (custom VJP; the
+    Why: a capacity buffer has ``cf * K * T`` rows but only about ``K * T`` of them hold tokens. On CPU the
+    batched matmul pays for every row (1.25x at cf = 1.25); a loop of one FFN per expert over its filled rows
+    pays for the rows that hold tokens (docs/perf.md). The backward pass is the same loop (custom VJP; the
     hidden pre-activations are kept from the forward pass, as autodiff of the batched form would keep them).
     ``params`` hold ``wi [E, D, F]``, optional ``wg [E, D, F]`` (GLU), ``wo [E, F, D]``, already in the compute
     dtype of ``x``.
@@ -109,12 +109,12 @@ def _filled_fwd(x, rows_used, params, activation, quantum):
         def branch(r):
             def run(_):
                 if r == 0:
-                    z = jnp.zeros((m, f), x.dtype)
-                    return jnp.zeros((m, d), x.dtype), z, z
+                    return (jnp.zeros((m, d), x.dtype), jnp.zeros((m, f), x.dtype),
+                            jnp.zeros((m, f if glu else 1), x.dtype))
                 xr = xe[:r]
                 h = xr @ p["wi"]
-                hg = xr @ p["wg"] if glu else h
-                y = mix(h, hg) @ p["wo"]
+                hg = xr @ p["wg"] if glu else h[:, :1]  # a [r, 1] stand-in without a gate
+                y = mix(h, hg if glu else h) @ p["wo"]
                 pad = lambda a: jnp.pad(a, ((0, m - r), (0, 0)))
                 return pad(y), pad(h), pad(hg)
             return run
