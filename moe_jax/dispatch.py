@@ -58,7 +58,8 @@ Array = jax.Array
 class CapacityPlan(NamedTuple):
     """Slot assignment for the capacity dispatchers.
 
-    Token choice: ``expert [G,S,K]``, ``slot [G,S,K]``, ``kept [G,S,K]``, ``weight [G,S,K]`` (0 where dropped).
+    Token choice: ``expert [G,S,K]``, ``slot [G,S,K]``, ``kept [G,S,K]``, ``weight [G,S,K]`` (0 where dropped),
+    ``group_counts [G,E]`` (kept assignments of each group to each expert).
     Expert choice: ``token [G,E,C]``, ``kept [G,E,C]``, ``weight [G,E,C]``.
     """
 
@@ -70,6 +71,7 @@ class CapacityPlan(NamedTuple):
     expert: Optional[Array] = None
     slot: Optional[Array] = None
     token: Optional[Array] = None
+    group_counts: Optional[Array] = None
 
 
 def make_capacity_plan(decision: RoutingDecision, capacity: int, slot_order: str = "choice_major") -> CapacityPlan:
@@ -82,7 +84,10 @@ def make_capacity_plan(decision: RoutingDecision, capacity: int, slot_order: str
     slot = assign_slots(decision.expert_index, decision.valid, e, decision.priority, slot_order)
     kept = decision.valid & (slot < capacity)
     weight = jnp.where(kept, decision.combine_weights, 0.0)
-    return CapacityPlan("token_choice", capacity, e, kept, weight, expert=decision.expert_index, slot=slot)
+    onehot = jax.nn.one_hot(decision.expert_index, e, dtype=jnp.int32)  # [G, S, K, E]
+    group_counts = jnp.sum(onehot * kept[..., None].astype(jnp.int32), axis=(1, 2))  # [G, E]
+    return CapacityPlan("token_choice", capacity, e, kept, weight, expert=decision.expert_index, slot=slot,
+                        group_counts=group_counts)
 
 
 # ------------------------------------------------------------------------------------ row gathers (perf)
@@ -186,26 +191,15 @@ def _buffer_rows(plan: CapacityPlan, num_groups: int) -> Array:
     # Token choice: an expert's rows are its kept assignments packed group after group (group g starts after
     # the kept rows of groups < g), so expert e's filled rows are exactly [0, n_e) of its G*C
     # (``_rows_used``): ``filled_rows_ffn`` can skip the empty tail. Row e*G*C + g*C + c would do as well.
-    offset = _group_offsets_per_expert(plan, num_groups)  # [G, E]
+    offset = jnp.cumsum(plan.group_counts, axis=0) - plan.group_counts  # [G, E] kept rows of earlier groups
     start = jnp.take_along_axis(offset, plan.expert.reshape(num_groups, -1), axis=1).reshape(plan.expert.shape)
     rows = plan.expert * (num_groups * c) + start + plan.slot
     return jnp.where(plan.kept, rows, end)  # [G, S, K]
 
 
-def _kept_per_group_expert(plan: CapacityPlan) -> Array:
-    """``[G, E]`` int32: kept token-choice assignments of each group to each expert."""
-    onehot = jax.nn.one_hot(plan.expert, plan.num_experts, dtype=jnp.int32)  # [G, S, K, E]
-    return jnp.sum(onehot * plan.kept[..., None].astype(jnp.int32), axis=(1, 2))
-
-
-def _group_offsets_per_expert(plan: CapacityPlan, num_groups: int) -> Array:
-    counts = _kept_per_group_expert(plan)
-    return jnp.cumsum(counts, axis=0) - counts  # [G, E] exclusive prefix over groups
-
-
 def _rows_used(plan: CapacityPlan) -> Array:
     """``[E]``: filled rows of each expert's ``G*C`` buffer rows (token choice; they come first)."""
-    return jnp.sum(_kept_per_group_expert(plan), axis=0)
+    return jnp.sum(plan.group_counts, axis=0)
 
 
 def _token_ids(plan: CapacityPlan, num_groups: int, group_size: int) -> Array:
