@@ -17,7 +17,7 @@ Rows (``--dispatchers``):
   size, see ``dispatch.auto_group_size``);
 * ``einsum_seq``: one-hot einsum with one group per sequence (``group_size=None``, S = L);
 * ``scatter``: the capacity buffer (gathers), groups of one sequence, ``capacity_compute='auto'`` (on CPU
-  'filled': each expert runs on its filled rows only, ``experts.filled_rows_ffn``);
+  'filled': each expert runs on its filled rows only, ``BatchedExperts(x, rows_used)``);
 * ``scatter_full``: the same with ``capacity_compute='full'`` (one batched matmul over all ``G*C`` rows);
 * ``dropless``: dropless with ``dropless_impl='auto'`` (the backend's default: ``grouped`` on CPU,
   ``ragged_dot`` on GPU);

@@ -18,7 +18,7 @@ their semantics agree (same capacity, same slot order); the tests hold each agai
    movement is ``O(E*G*C*D + N*D)``, independent of S. Dropped assignments point at an all-zero row.
    An expert's kept rows are packed first (group after group), so with ``filled_only`` (``MoEConfig.
    capacity_compute='filled'``, the CPU default) each expert runs only on its filled rows
-   (``experts.filled_rows_ffn``) instead of all ``G*C``: about ``1/cf`` of the expert FLOPs.
+   (``BatchedExperts(x, rows_used)``) instead of all ``G*C``: about ``1/cf`` of the expert FLOPs.
 3. ``dropless`` (no capacity, static shapes): sort the N assignments by expert; pad each expert's run of rows
    to a multiple of the block size ``b``; the padded rows fit in the static bound
    ``R = b * ceil((N + E*(b-1)) / b)`` rows, i.e. ``NB = R / b`` blocks, each owned by one expert. The
@@ -190,7 +190,7 @@ def _buffer_rows(plan: CapacityPlan, num_groups: int) -> Array:
         return jnp.where(plan.kept, rows, end)  # [G, E, C]
     # Token choice: an expert's rows are its kept assignments packed group after group (group g starts after
     # the kept rows of groups < g), so expert e's filled rows are exactly [0, n_e) of its G*C
-    # (``_rows_used``): ``filled_rows_ffn`` can skip the empty tail. Row e*G*C + g*C + c would do as well.
+    # (``_rows_used``): the experts can skip the empty tail. Row e*G*C + g*C + c would do as well.
     offset = jnp.cumsum(plan.group_counts, axis=0) - plan.group_counts  # [G, E] kept rows of earlier groups
     start = jnp.take_along_axis(offset, plan.expert.reshape(num_groups, -1), axis=1).reshape(plan.expert.shape)
     rows = plan.expert * (num_groups * c) + start + plan.slot
@@ -408,7 +408,7 @@ def run_einsum(x, decision, experts, capacity, slot_order="choice_major", **_) -
 
 def run_scatter(x, decision, experts, capacity, slot_order="choice_major", filled_only=False, **_) -> DispatchResult:
     """``filled_only``: run each expert on its filled buffer rows only (``experts(xe, rows_used=...)``,
-    ``experts.filled_rows_ffn``; token choice), not on all ``G*C`` rows. Same result; faster on CPU."""
+    ``experts.sorted_rows_ffn``; token choice), not on all ``G*C`` rows. Same result; faster on CPU."""
     if decision.kind == "soft":  # dense mixtures have no sparse buffer layout: the einsum path is the one
         return run_soft(x, decision, experts)
     plan = make_capacity_plan(decision, capacity, slot_order)

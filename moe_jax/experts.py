@@ -61,13 +61,6 @@ def ffn_apply(params: Dict[str, Array], x: Array, activation: str, eq_in: str, e
     return jnp.einsum(eq_out, h, params["wo"].astype(dtype))
 
 
-def filled_rows_quantum(rows: int) -> int:
-    """The row quantum of ``filled_rows_ffn`` for a buffer of ``rows`` rows per expert: the smallest multiple of
-    8 that is at least ``rows / 16`` (at most 16 row counts to compile; on average ``quantum / 2`` idle rows
-    per expert)."""
-    return max(8, -(-rows // 128) * 8)
-
-
 def _row_counts(rows: int, quantum: int):
     return [0] + list(range(quantum, rows, quantum)) + [rows]
 
@@ -75,91 +68,6 @@ def _row_counts(rows: int, quantum: int):
 def _glu_or_act(activation: str, glu: bool):
     act = get_activation(activation)
     return (lambda h, hg: act(hg) * h) if glu else (lambda h, hg: act(h))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def filled_rows_ffn(x: Array, rows_used: Array, params: Dict[str, Array], activation: str, quantum: int) -> Array:
-    """Expert FFNs on the filled prefix of each expert's rows: ``x[E, M, D]``, ``rows_used[E]`` int -> ``[E, M, D]``.
-
-    Expert e computes only its first ``rows_used[e]`` rows, rounded up to a multiple of ``quantum`` (a
-    ``lax.switch`` over the static row counts ``0, q, 2q, ..., M``); its other rows are taken as absent: their
-    output is 0 and their gradient is 0 (the capacity dispatcher never reads them). Over the filled rows the
-    result equals ``ffn_apply`` with ``'end,edf->enf'`` (the same products on fewer rows; up to rounding).
-
-    Why: a capacity buffer has ``cf * K * T`` rows but only about ``K * T`` of them hold tokens. On CPU the
-    batched matmul pays for every row (1.25x at cf = 1.25); a loop of one FFN per expert over its filled rows
-    pays for the rows that hold tokens (docs/perf.md). The backward pass is the same loop (custom VJP; the
-    hidden pre-activations are kept from the forward pass, as autodiff of the batched form would keep them).
-    ``params`` hold ``wi [E, D, F]``, optional ``wg [E, D, F]`` (GLU), ``wo [E, F, D]``, already in the compute
-    dtype of ``x``.
-    """
-    return _filled_fwd(x, rows_used, params, activation, quantum)[0]
-
-
-def _filled_fwd(x, rows_used, params, activation, quantum):
-    e, m, d = x.shape
-    glu = "wg" in params
-    mix = _glu_or_act(activation, glu)
-    counts = _row_counts(m, quantum)
-    f = params["wi"].shape[-1]
-
-    def expert(args):
-        xe, ne, p = args
-
-        def branch(r):
-            def run(_):
-                if r == 0:
-                    return (jnp.zeros((m, d), x.dtype), jnp.zeros((m, f), x.dtype),
-                            jnp.zeros((m, f if glu else 1), x.dtype))
-                xr = xe[:r]
-                h = xr @ p["wi"]
-                hg = xr @ p["wg"] if glu else h[:, :1]  # a [r, 1] stand-in without a gate
-                y = mix(h, hg if glu else h) @ p["wo"]
-                pad = lambda a: jnp.pad(a, ((0, m - r), (0, 0)))
-                return pad(y), pad(h), pad(hg)
-            return run
-
-        idx = jnp.clip(-(-ne // quantum), 0, len(counts) - 1)
-        return jax.lax.switch(idx, [branch(r) for r in counts], 0)
-
-    y, h, hg = jax.lax.map(expert, (x, rows_used, params))
-    return y, (x, rows_used, params, h, hg if glu else None)
-
-
-def _filled_bwd(activation, quantum, res, dy):
-    x, rows_used, params, h, hg = res
-    e, m, d = x.shape
-    glu = "wg" in params
-    mix = _glu_or_act(activation, glu)
-    counts = _row_counts(m, quantum)
-
-    def expert(args):
-        xe, ne, p, he, hge, dye = args
-
-        def branch(r):
-            def run(_):
-                if r == 0:
-                    return jnp.zeros((m, d), x.dtype), jax.tree.map(jnp.zeros_like, p)
-                xr, dyr = xe[:r], dye[:r]
-                a, mix_vjp = jax.vjp(mix, he[:r], (hge if glu else he)[:r])
-                grads = {"wo": a.T @ dyr}
-                dh, dhg = mix_vjp(dyr @ p["wo"].T)
-                grads["wi"] = xr.T @ dh
-                dx = dh @ p["wi"].T
-                if glu:
-                    grads["wg"] = xr.T @ dhg
-                    dx = dx + dhg @ p["wg"].T
-                return jnp.pad(dx, ((0, m - r), (0, 0))), grads
-            return run
-
-        idx = jnp.clip(-(-ne // quantum), 0, len(counts) - 1)
-        return jax.lax.switch(idx, [branch(r) for r in counts], 0)
-
-    dx, dparams = jax.lax.map(expert, (x, rows_used, params, h, hg if glu else h, dy))
-    return dx, None, dparams
-
-
-filled_rows_ffn.defvjp(_filled_fwd, _filled_bwd)
 
 
 def _kernel_init(batch_axes=()):
@@ -223,12 +131,17 @@ class BatchedExperts(nn.Module):
 
     def __call__(self, x: Array, rows_used: Optional[Array] = None) -> Array:
         """``x[E, N, D] -> [E, N, D]``. With ``rows_used [E]`` (int): only the first ``rows_used[e]`` rows of
-        expert e hold tokens; the others are skipped (output 0, gradient 0; ``filled_rows_ffn``)."""
+        expert e hold tokens; the others are skipped (output 0, gradient 0): ``sorted_rows_ffn`` with
+        ``stride = N``, one FFN per expert on its filled rows rounded up to ``N / 16``. A capacity buffer has
+        ``cf * K * T`` rows of which about ``K * T`` hold tokens; on CPU the batched matmul pays for all of
+        them (docs/perf.md)."""
         params = self.params(x.shape[-1])
         if rows_used is not None:
             cast = {k: v.astype(self.dtype) for k, v in params.items()}
-            quantum = filled_rows_quantum(x.shape[1])
-            return filled_rows_ffn(x.astype(self.dtype), rows_used.astype(jnp.int32), cast, self.activation, quantum)
+            e, m, d = x.shape
+            y = sorted_rows_ffn(x.astype(self.dtype).reshape(e * m, d), rows_used.astype(jnp.int32), cast,
+                                self.activation, m, m)
+            return y.reshape(e, m, d)
         return ffn_apply(params, x, self.activation, "end,edf->enf", "enf,efd->end", self.dtype)
 
     def blocks(self, x: Array, block_expert: Array) -> Array:
@@ -250,8 +163,9 @@ def sorted_rows_chunk(num_rows: int, num_experts: int) -> int:
     return max(16, -(-2 * num_rows // (num_experts * 16)) * 16)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def sorted_rows_ffn(x: Array, group_sizes: Array, params: Dict[str, Array], activation: str, chunk: int) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def sorted_rows_ffn(x: Array, group_sizes: Array, params: Dict[str, Array], activation: str, chunk: int,
+                    stride: int = 0) -> Array:
     """Expert FFNs on rows sorted by expert: ``x[N, D]``, ``group_sizes[E]`` -> ``[N, D]`` (the dropless layout).
 
     Expert e owns rows ``[start_e, start_e + n_e)`` (``start = cumsum(n) - n``). It runs in chunks of ``chunk``
@@ -261,21 +175,28 @@ def sorted_rows_ffn(x: Array, group_sizes: Array, params: Dict[str, Array], acti
     rows past ``sum(n)`` must be masked by the caller (``ragged_dot_experts`` does). Backward: the same loop
     (custom VJP) with the cotangent of rows outside the expert masked, the pre-activations kept from the
     forward pass, and one weight gradient per expert accumulated over its chunks.
+
+    ``stride > 0``: expert e's rows start at ``e * stride`` instead (a capacity buffer ``[E, stride, D]``
+    flattened, its filled rows first; ``BatchedExperts(x, rows_used)``). With ``chunk = stride`` no expert reads
+    or writes past its own rows, and rows past ``group_sizes[e]`` get output 0 and gradient 0.
     """
-    return _sorted_fwd(x, group_sizes, params, activation, chunk)[0]
+    return _sorted_fwd(x, group_sizes, params, activation, chunk, stride)[0]
 
 
-def _sorted_setup(x, group_sizes, params, activation, chunk):
+def _sorted_setup(x, group_sizes, params, activation, chunk, stride):
     n, d = x.shape
     glu = "wg" in params
     quantum = max(1, chunk // 16)
     counts = _row_counts(chunk, quantum)
-    starts = (jnp.cumsum(group_sizes) - group_sizes).astype(jnp.int32)
+    if stride:
+        starts = jnp.arange(group_sizes.shape[0], dtype=jnp.int32) * stride
+    else:
+        starts = (jnp.cumsum(group_sizes) - group_sizes).astype(jnp.int32)
     return n, d, glu, _glu_or_act(activation, glu), quantum, counts, starts
 
 
-def _sorted_fwd(x, group_sizes, params, activation, chunk):
-    n, d, glu, mix, quantum, counts, starts = _sorted_setup(x, group_sizes, params, activation, chunk)
+def _sorted_fwd(x, group_sizes, params, activation, chunk, stride=0):
+    n, d, glu, mix, quantum, counts, starts = _sorted_setup(x, group_sizes, params, activation, chunk, stride)
     f = params["wi"].shape[-1]
     pad = lambda a: jnp.concatenate([a, jnp.zeros((chunk,) + a.shape[1:], a.dtype)], axis=0)
     xp = pad(x)  # [N + Q, D]
@@ -313,9 +234,9 @@ def _sorted_fwd(x, group_sizes, params, activation, chunk):
     return y[:n], (x, group_sizes, params, h, hg)
 
 
-def _sorted_bwd(activation, chunk, res, dy):
+def _sorted_bwd(activation, chunk, stride, res, dy):
     x, group_sizes, params, h, hg = res
-    n, d, glu, mix, quantum, counts, starts = _sorted_setup(x, group_sizes, params, activation, chunk)
+    n, d, glu, mix, quantum, counts, starts = _sorted_setup(x, group_sizes, params, activation, chunk, stride)
     pad = lambda a: jnp.concatenate([a, jnp.zeros((chunk,) + a.shape[1:], a.dtype)], axis=0)
     xp, dyp = pad(x), pad(dy.astype(x.dtype))
 

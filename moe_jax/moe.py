@@ -70,7 +70,7 @@ class MoEConfig:
         'grouped' on CPU, 'blocks' on GPU), 'grouped' (a loop over experts on rows sorted by expert), 'ragged_dot'
         (``jax.lax.ragged_dot``) or 'blocks' (block-padded rows, weights gathered per block).
       capacity_compute: what the capacity dispatcher 'scatter' computes: 'filled' (each expert only on its
-        filled buffer rows, rounded up to a small quantum: ``experts.filled_rows_ffn``, a loop of one GEMM per
+        filled buffer rows, rounded up to a small quantum: ``experts.sorted_rows_ffn``, a loop of one FFN per
         expert), 'full' (all ``G*C`` rows as one batched matmul) or 'auto' ('filled' on CPU, 'full'
         elsewhere, and always 'full' under a device mesh). Same result either way; see docs/perf.md.
     Experts:

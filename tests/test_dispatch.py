@@ -172,19 +172,20 @@ def test_capacity_dispatchers_match_loop_reference(case):
 
 
 @pytest.mark.parametrize("glu", [False, True])
-def test_filled_rows_ffn_matches_batched_experts_on_filled_rows(glu):
-    """``filled_rows_ffn`` against the batched FFN: E=4 experts, M=12 rows, quantum 4, rows_used 0, 5, 12, 8.
+def test_capacity_buffer_filled_rows_match_batched_experts(glu):
+    """``sorted_rows_ffn`` with ``stride`` (what ``BatchedExperts(x, rows_used)`` runs for 'filled') against the
+    batched FFN: E=4 experts, M=32 buffer rows each (chunk 32, so the row quantum is 2), rows_used 0, 5, 32, 8.
 
-    Expert 1 has 5 filled rows, so it computes 8 (two quanta): rows 5..7 are zero input rows computed anyway,
-    rows 8..11 are skipped. Expert 0 computes nothing, expert 2 everything, expert 3 exactly two quanta.
-    Over the filled rows (and a cotangent that is zero elsewhere, as the dispatcher's is) output and all
-    gradients equal the batched form; outside them the output and d x are exactly 0.
+    Expert 1 has 5 filled rows and computes 6 (row 5 is an empty, zero row computed anyway), rows 6..31 are
+    skipped. Expert 0 computes nothing, expert 2 everything, expert 3 exactly 8 rows. Over the filled rows (and
+    a cotangent that is zero elsewhere, as the dispatcher's is) output and all gradients equal the batched
+    form; outside them the output and d x are exactly 0.
     """
-    from moe_jax.experts import ffn_apply, filled_rows_ffn
+    from moe_jax.experts import ffn_apply, sorted_rows_ffn
 
-    e, m, d, f = 4, 12, 3, 5
+    e, m, d, f = 4, 32, 3, 5
     rng = np.random.default_rng(5)
-    used = np.array([0, 5, 12, 8], np.int32)
+    used = np.array([0, 5, 32, 8], np.int32)
     filled = np.arange(m)[None, :, None] < used[:, None, None]  # [E, M, 1]
     x = jnp.asarray(rng.normal(size=(e, m, d)) * filled, jnp.float32)  # empty rows are zero, as in the buffer
     r = jnp.asarray(rng.normal(size=(e, m, d)) * filled, jnp.float32)
@@ -197,7 +198,7 @@ def test_filled_rows_ffn_matches_batched_experts_on_filled_rows(glu):
         return jnp.sum(ffn_apply(p, x, "silu", "end,edf->enf", "enf,efd->end", jnp.float32) * r)
 
     def skipping(x, p):
-        y = filled_rows_ffn(x, jnp.asarray(used), p, "silu", 4)
+        y = sorted_rows_ffn(x.reshape(e * m, d), jnp.asarray(used), p, "silu", m, m).reshape(e, m, d)
         return jnp.sum(y * r), y
 
     (ref, (gx_ref, gp_ref)) = jax.value_and_grad(batched, argnums=(0, 1))(x, params)
