@@ -72,7 +72,10 @@ class MoEConfig:
       capacity_compute: what the capacity dispatcher 'scatter' computes: 'filled' (each expert only on its
         filled buffer rows, rounded up to a small quantum: ``experts.sorted_rows_ffn``, a loop of one FFN per
         expert), 'full' (all ``G*C`` rows as one batched matmul) or 'auto' ('filled' on CPU, 'full'
-        elsewhere, and always 'full' under a device mesh). Same result either way; see docs/perf.md.
+        elsewhere, and always 'full' under a device mesh). Same result either way up to float rounding: with
+        'filled' a row's result can differ in the last bits with how many rows its expert computes, which
+        later tokens change (XLA:CPU's GEMM blocking); the routing and the drops stay exactly causal.
+        docs/perf.md.
     Experts:
       expert_hidden: F. activation: 'gelu', 'relu', 'silu'. glu: gated (SwiGLU with silu).
       num_shared_experts, shared_expert_hidden: always-on experts (None width = F).

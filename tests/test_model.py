@@ -17,10 +17,10 @@ def _n_params(tree) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
-def switch_cfg(**kw) -> ModelConfig:
+def switch_cfg(capacity_compute="full", **kw) -> ModelConfig:
     # Blocks: 0 dense, 1 and 2 MoE (moe_every=1, first_dense=1). capacity_factor 0.5 forces drops in training.
     moe = MoEConfig(num_experts=4, k=1, router="switch", expert_hidden=32, capacity_factor=0.5,
-                    eval_capacity_factor=0.5, dispatcher="scatter")
+                    eval_capacity_factor=0.5, dispatcher="scatter", capacity_compute=capacity_compute)
     base = dict(vocab_size=V, d_model=32, num_layers=3, num_heads=4, d_ff=64, moe_every=1, first_dense=1, moe=moe)
     base.update(kw)
     return ModelConfig(**base)
@@ -36,7 +36,8 @@ _CACHE = {}
 def _jitted(kind: str):
     """(cfg, variables, apply(v, tokens, rng) [train], apply_eval(v, tokens)), compiled once per module."""
     if kind not in _CACHE:
-        cfg = dense_cfg() if kind == "dense" else switch_cfg()
+        cfg = {"dense": dense_cfg, "switch": switch_cfg,
+               "switch_filled": lambda: switch_cfg(capacity_compute="filled")}[kind]()
         model = Transformer(cfg)
         variables = jax.jit(lambda k: init_variables(model, k, L))(jax.random.key(0))
         apply = jax.jit(lambda v, t, r: model.apply(v, t, train=True, rngs={"router": r}))
@@ -91,10 +92,15 @@ def test_from_config_and_layout():
 # ------------------------------------------------------------------------------------------- causality
 
 
-@pytest.mark.parametrize("kind", ["dense", "switch"])
+@pytest.mark.parametrize("kind", ["dense", "switch", "switch_filled"])
 def test_whole_model_is_causal(kind):
     """Changing tokens t+1.. never changes the logits at positions <= t (and changing token t does change
-    logits at t: the test can fail). For the MoE model, in training mode with drops (capacity factor 0.5)."""
+    logits at t: the test can fail). For the MoE model, in training mode with drops (capacity factor 0.5).
+
+    Bit for bit, except with ``capacity_compute='filled'``: there an expert computes as many rows as it has
+    tokens (rounded to a quantum), later tokens change that count, and XLA:CPU's GEMM may round a row's
+    result differently at another row count (seen: 1.2e-7 on logits of order 0.1). Routing and drops stay
+    causal; the tolerance below is float rounding, far below what a leaked token or a changed drop causes."""
     cfg, variables, apply, apply_eval = _jitted(kind)
     rng = np.random.default_rng(0)
     x = rng.integers(0, V, (2, L)).astype(np.int32)
@@ -107,9 +113,12 @@ def test_whole_model_is_causal(kind):
         (y1, aux1), (y2, _) = fn(jnp.asarray(x)), fn(jnp.asarray(x2))
         y1, y2 = np.asarray(y1), np.asarray(y2)
         for b, t in enumerate(cut):
-            np.testing.assert_array_equal(y1[b, : t + 1], y2[b, : t + 1])
+            if kind == "switch_filled":
+                np.testing.assert_allclose(y1[b, : t + 1], y2[b, : t + 1], rtol=1e-5, atol=1e-6)
+            else:
+                np.testing.assert_array_equal(y1[b, : t + 1], y2[b, : t + 1])
             assert np.abs(y1[b, t + 1] - y2[b, t + 1]).max() > 1e-3  # later positions do see the change
-        if kind == "switch":
+        if kind != "dense":
             assert float(aux1["metrics"]["drop_fraction"].max()) > 0  # capacity was binding: drops happened
 
 
