@@ -29,9 +29,9 @@ their semantics agree (same capacity, same slot order); the tests hold each agai
    ``[NB, D, F]`` into ``[E, D, F]``, which is what makes this layout slow on CPU at large E).
    Without padding, on rows sorted by expert (``ragged_dot_experts``): ``dropless_impl='grouped'``
    (``experts.sorted_rows_ffn``: a loop over experts, each one FFN per chunk of its rows, forward and
-   backward; the CPU default) or ``'ragged_dot'`` (``jax.lax.ragged_dot``: on CPU a masked dense product costing E times the
-   useful work; on GPU with jax 0.11 its weight gradient is also dense-masked, so ``'blocks'`` is the GPU
-   default). ``dropless_impl='auto'`` picks per backend (``default_dropless_impl``).
+   backward; the CPU default) or ``'ragged_dot'`` (``jax.lax.ragged_dot``: on CPU a masked dense product
+   costing E times the useful work; on GPU with jax 0.11 its weight gradient is also dense-masked, so
+   ``'blocks'`` is the GPU default). ``dropless_impl='auto'`` picks per backend (``default_dropless_impl``).
 4. All gathers of token rows use ``take_rows``, whose backward is a gather as well (no scatter-add).
    Measured costs and the choice of defaults: docs/perf.md.
 

@@ -169,12 +169,12 @@ def sorted_rows_ffn(x: Array, group_sizes: Array, params: Dict[str, Array], acti
     """Expert FFNs on rows sorted by expert: ``x[N, D]``, ``group_sizes[E]`` -> ``[N, D]`` (the dropless layout).
 
     Expert e owns rows ``[start_e, start_e + n_e)`` (``start = cumsum(n) - n``). It runs in chunks of ``chunk``
-    rows and a remainder rounded up to ``chunk / 16`` rows (a ``lax.switch`` over 17 static row counts), each
-    chunk one FFN (all of its products on the same rows), experts in order. A remainder may compute a few rows
-    of the next expert with this expert's weights; the next expert overwrites them (experts run in order), and
-    rows past ``sum(n)`` must be masked by the caller (``ragged_dot_experts`` does). Backward: the same loop
-    (custom VJP) with the cotangent of rows outside the expert masked, the pre-activations kept from the
-    forward pass, and one weight gradient per expert accumulated over its chunks.
+    rows and a remainder rounded up to ``max(1, chunk // 16)`` rows (a ``lax.switch`` over at most 31 row
+    counts), each chunk one FFN (all of its products on the same rows), experts in order. A remainder may
+    compute a few rows of the next expert with this expert's weights; the next expert overwrites them (experts
+    run in order), and rows past ``sum(n)`` must be masked by the caller (``ragged_dot_experts`` does).
+    Backward: the same loop (custom VJP) with the cotangent of rows outside the expert masked, the
+    pre-activations kept from the forward pass, and one weight gradient per expert accumulated over its chunks.
 
     ``stride > 0``: expert e's rows start at ``e * stride`` instead (a capacity buffer ``[E, stride, D]``
     flattened, its filled rows first; ``BatchedExperts(x, rows_used)``). With ``chunk = stride`` no expert reads
