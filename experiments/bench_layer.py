@@ -14,20 +14,20 @@ baseline is ``DenseFFN`` of width ``K * F`` on the same ``x`` with ``loss = sum(
 Rows (``--dispatchers``):
 
 * ``einsum``: one-hot einsum dispatch with ``MoEConfig.group_size='auto'`` (the einsum picks its own group
-  size, see ``dispatch.auto_group_size``);
+  size, see ``dispatch.einsum_group_size``);
 * ``einsum_seq``: one-hot einsum with one group per sequence (``group_size=None``, S = L);
 * ``scatter``: the capacity buffer (gathers), groups of one sequence, ``capacity_compute='auto'`` (on CPU
   'filled': each expert runs on its filled rows only, ``BatchedExperts(x, rows_used)``);
 * ``scatter_full``: the same with ``capacity_compute='full'`` (one batched matmul over all ``G*C`` rows);
 * ``dropless``: dropless with ``dropless_impl='auto'`` (the backend's default: ``grouped`` on CPU,
-  ``ragged_dot`` on GPU);
+  ``blocks`` on GPU);
 * ``grouped``: dropless on rows sorted by expert, a loop over experts of one FFN per chunk of rows
   (``experts.sorted_rows_ffn``);
 * ``ragged_dot``: dropless with ``jax.lax.ragged_dot`` (on CPU it costs E times the useful work);
 * ``blocks``: dropless, block-padded rows with per-block gathered weights (``dropless_impl='blocks'``).
 
-Default rows: ``einsum, einsum_seq, scatter, dropless`` on CPU; every one but ``dropless`` (= ``ragged_dot``
-there) on a GPU/TPU.
+Default rows: ``einsum, scatter, scatter_full, dropless`` on CPU; ``einsum, einsum_seq, scatter, grouped,
+ragged_dot, blocks`` on a GPU/TPU.
 
 Measurement: every function is compiled first; then ``--repeats`` rounds, each round calling the dense
 baseline and every MoE variant of the same K once, in turn, in this one process (so slow drifts of a shared

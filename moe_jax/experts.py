@@ -49,25 +49,24 @@ def on_rows(f: Callable[[Array], Array], x: Array, feature_dims: int = 1) -> Arr
     return y.reshape(lead + y.shape[1:])
 
 
+def _glu_or_act(activation: str, glu: bool):
+    """``mix(h, hg)``: ``act(hg) * h`` with a gate (``h = x wi``, ``hg = x wg``), else ``act(h)``."""
+    act = get_activation(activation)
+    return (lambda h, hg: act(hg) * h) if glu else (lambda h, hg: act(h))
+
+
 def ffn_apply(params: Dict[str, Array], x: Array, activation: str, eq_in: str, eq_out: str, dtype) -> Array:
     """The FFN on any layout, given einsum strings for the two projections."""
-    act = get_activation(activation)
+    glu = "wg" in params
     x = x.astype(dtype)
     h = jnp.einsum(eq_in, x, params["wi"].astype(dtype))
-    if "wg" in params:
-        h = act(jnp.einsum(eq_in, x, params["wg"].astype(dtype))) * h
-    else:
-        h = act(h)
-    return jnp.einsum(eq_out, h, params["wo"].astype(dtype))
+    hg = jnp.einsum(eq_in, x, params["wg"].astype(dtype)) if glu else h
+    return jnp.einsum(eq_out, _glu_or_act(activation, glu)(h, hg), params["wo"].astype(dtype))
 
 
 def _row_counts(rows: int, quantum: int):
-    return [0] + list(range(quantum, rows, quantum)) + [rows]
-
-
-def _glu_or_act(activation: str, glu: bool):
-    act = get_activation(activation)
-    return (lambda h, hg: act(hg) * h) if glu else (lambda h, hg: act(h))
+    """The static row counts ``quantum, 2*quantum, ..., rows`` of a remainder switch."""
+    return list(range(quantum, rows, quantum)) + [rows]
 
 
 def _kernel_init(batch_axes=()):
@@ -223,8 +222,8 @@ def _sorted_fwd(x, group_sizes, params, activation, chunk, stride=0):
         # The switch returns the padded tiles and the write happens outside it: a switch that carried the
         # buffers would copy them whole. Padding rows land on later experts' rows, which they overwrite.
         def remainder(bufs):
-            tiles = jax.lax.switch(jnp.clip(-(-rem // quantum) - 1, 0, len(counts) - 2),
-                                   [functools.partial(rows, r, r0) for r in counts[1:]], p)
+            tiles = jax.lax.switch(jnp.clip(-(-rem // quantum) - 1, 0, len(counts) - 1),
+                                   [functools.partial(rows, r, r0) for r in counts], p)
             return write(bufs, tiles, r0)
 
         return jax.lax.cond(rem > 0, remainder, lambda b: b, bufs)
@@ -273,8 +272,8 @@ def _sorted_bwd(activation, chunk, stride, res, dy):
         r0, rem = start + n_full * chunk, size - n_full * chunk
 
         def remainder(carry):
-            out = jax.lax.switch(jnp.clip(-(-rem // quantum) - 1, 0, len(counts) - 2),
-                                 [functools.partial(rows, r, r0, end) for r in counts[1:]], p)
+            out = jax.lax.switch(jnp.clip(-(-rem // quantum) - 1, 0, len(counts) - 1),
+                                 [functools.partial(rows, r, r0, end) for r in counts], p)
             return add(carry, out, r0)
 
         return jax.lax.cond(rem > 0, remainder, lambda c: c, carry)
