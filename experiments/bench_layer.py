@@ -90,6 +90,9 @@ def parse_args(argv=None):
                         "existing ones")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     p.add_argument("--no-pin", action="store_true", help="do not set single-thread XLA CPU flags")
+    p.add_argument("--host-malloc", default=None, choices=["keep", "default"],
+                   help="'keep' (default): glibc keeps freed memory for the next call (moe_jax.hostmem); "
+                        "'default': glibc's own policy (every block over 32 MiB is a fresh mmap)")
     args = p.parse_args(argv)
     if args.quick:
         args.tokens, args.seq_len, args.d_model, args.hidden = 1024, 256, 128, 256
@@ -101,6 +104,8 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.no_pin and "XLA_FLAGS" not in os.environ:
         os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    from moe_jax import hostmem
+    host_malloc = hostmem.keep_freed_memory(args.host_malloc)  # before JAX's first computation
 
     import jax
     import jax.numpy as jnp
@@ -209,7 +214,7 @@ def main(argv=None):
     print(f"# bench_layer: T={t} L={l} D={d} F={f} dtype={args.dtype} cf={args.capacity_factor} "
           f"repeats={args.repeats}; jax {jax.__version__}; {machine}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
           f"affinity={sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}; "
-          f"dispatch.default_dispatcher()={dispatch.default_dispatcher()!r}", flush=True)
+          f"dispatch.default_dispatcher()={dispatch.default_dispatcher()!r}; host malloc: {host_malloc}", flush=True)
     rows = []
     for k in k_list:
         useful = 3 * 2 * 2 * t * d * k * f  # forward + backward FLOPs of the active FFN work

@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="train steps per timed call")
     p.add_argument("--quick", action="store_true", help="smoke run: V=256, D=64, 2 blocks, L=64, B=8")
     p.add_argument("--no-pin", action="store_true", help="do not set single-thread XLA CPU flags")
+    p.add_argument("--host-malloc", default=None, choices=["keep", "default"],
+                   help="'keep' (default): glibc keeps freed memory for the next call (moe_jax.hostmem); "
+                        "'default': glibc's own policy (every block over 32 MiB is a fresh mmap)")
     args = p.parse_args(argv)
     if args.quick:
         args.vocab, args.d_model, args.layers, args.hidden, args.seq_len, args.batch = 256, 64, 2, 128, 64, 8
@@ -58,6 +61,8 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.no_pin and "XLA_FLAGS" not in os.environ:
         os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    from moe_jax import hostmem
+    host_malloc = hostmem.keep_freed_memory(args.host_malloc)  # before JAX's first computation
 
     import jax
     import jax.numpy as jnp
@@ -100,8 +105,8 @@ def main(argv=None):
           f"K={args.k} moe_every={args.moe_every} L={args.seq_len} B={args.batch} dtype={args.dtype} "
           f"repeats={args.repeats}x{args.steps} steps; jax {jax.__version__}; {machine}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; dispatch.default_dispatcher()="
-          f"{dispatch.default_dispatcher()!r}, default_dropless_impl()={dispatch.default_dropless_impl()!r}",
-          flush=True)
+          f"{dispatch.default_dispatcher()!r}, default_dropless_impl()={dispatch.default_dropless_impl()!r}; "
+          f"host malloc: {host_malloc}", flush=True)
     for r in runs:
         print(f"  {r['label']:24s} {r['counts'].summary()}", flush=True)
 

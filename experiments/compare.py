@@ -33,8 +33,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    from moe_jax import hostmem
     from moe_jax.compare import run_comparison
     from moe_jax.train import TrainingDivergedError
+
+    hostmem.keep_freed_memory()  # before JAX's first computation (opt out: MOE_JAX_HOST_MALLOC=default)
 
     try:
         out = run_comparison(_CONFIG.value, _WORKDIR.value, only=_ONLY.value,

@@ -26,9 +26,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    from moe_jax import parallel
+    from moe_jax import hostmem, parallel
     from moe_jax.data import DataConfigError
     from moe_jax.train import TrainingDivergedError, train, validate_config
+
+    hostmem.keep_freed_memory()  # before JAX's first computation (opt out: MOE_JAX_HOST_MALLOC=default)
 
     # Multi-host (config.mesh.distributed): before anything touches the JAX backend, validation included.
     parallel.initialize_distributed(bool((_CONFIG.value.get("mesh") or {}).get("distributed", False)))
