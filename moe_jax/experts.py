@@ -191,14 +191,22 @@ def _sorted_setup(x, group_sizes, params, activation, chunk, stride):
         starts = jnp.arange(group_sizes.shape[0], dtype=jnp.int32) * stride
     else:
         starts = (jnp.cumsum(group_sizes) - group_sizes).astype(jnp.int32)
-    return n, d, glu, _glu_or_act(activation, glu), quantum, counts, starts
+    # Rows past the end that a padded tile may touch: none when every expert's span is whole chunks of its
+    # own stride (the capacity buffer: chunk == stride), else up to one chunk (the arrays get that many
+    # zero rows, and the results are sliced back).
+    overrun = 0 if stride and stride % chunk == 0 else chunk
+    return n, d, glu, _glu_or_act(activation, glu), quantum, counts, starts, overrun
+
+
+def _pad_rows(a, rows):
+    return jnp.concatenate([a, jnp.zeros((rows,) + a.shape[1:], a.dtype)], axis=0) if rows else a
 
 
 def _sorted_fwd(x, group_sizes, params, activation, chunk, stride=0):
-    n, d, glu, mix, quantum, counts, starts = _sorted_setup(x, group_sizes, params, activation, chunk, stride)
+    n, d, glu, mix, quantum, counts, starts, overrun = _sorted_setup(x, group_sizes, params, activation, chunk,
+                                                                     stride)
     f = params["wi"].shape[-1]
-    pad = lambda a: jnp.concatenate([a, jnp.zeros((chunk,) + a.shape[1:], a.dtype)], axis=0)
-    xp = pad(x)  # [N + Q, D]
+    xp = _pad_rows(x, overrun)  # [N + overrun, D]
 
     def rows(r, r0, p):
         """The FFN on rows [r0, r0 + r), padded to ``chunk`` rows: (y, h, hg)."""
@@ -228,16 +236,16 @@ def _sorted_fwd(x, group_sizes, params, activation, chunk, stride=0):
 
         return jax.lax.cond(rem > 0, remainder, lambda b: b, bufs)
 
-    zeros = lambda w: jnp.zeros((n + chunk, w), x.dtype)
+    zeros = lambda w: jnp.zeros((n + overrun, w), x.dtype)
     y, h, hg = jax.lax.fori_loop(0, group_sizes.shape[0], expert, (zeros(d), zeros(f), zeros(f if glu else 1)))
-    return y[:n], (x, group_sizes, params, h, hg)
+    return (y[:n] if overrun else y), (x, group_sizes, params, h, hg)
 
 
 def _sorted_bwd(activation, chunk, stride, res, dy):
     x, group_sizes, params, h, hg = res
-    n, d, glu, mix, quantum, counts, starts = _sorted_setup(x, group_sizes, params, activation, chunk, stride)
-    pad = lambda a: jnp.concatenate([a, jnp.zeros((chunk,) + a.shape[1:], a.dtype)], axis=0)
-    xp, dyp = pad(x), pad(dy.astype(x.dtype))
+    n, d, glu, mix, quantum, counts, starts, overrun = _sorted_setup(x, group_sizes, params, activation, chunk,
+                                                                     stride)
+    xp, dyp = _pad_rows(x, overrun), _pad_rows(dy.astype(x.dtype), overrun)
 
     def rows(r, r0, end, p):
         """Rows [r0, r0 + r) of one expert (those >= end are another's: cotangent 0): (dx tile, grads)."""
@@ -255,6 +263,11 @@ def _sorted_bwd(activation, chunk, stride, res, dy):
             dxr = dxr + dhg @ p["wg"].T
         return jnp.pad(dxr, ((0, chunk - r), (0, 0))), grads
 
+    def piece(rows_wanted, r0, end, p):
+        """The switch over the static row counts: ``rows_wanted`` (<= chunk) rounded up to the quantum."""
+        branch = jnp.clip(-(-rows_wanted // quantum) - 1, 0, len(counts) - 1)
+        return jax.lax.switch(branch, [functools.partial(rows, r, r0, end) for r in counts], p)
+
     def add(carry, out, r0):
         dx, grads = carry
         tile, inc = out
@@ -265,22 +278,24 @@ def _sorted_bwd(activation, chunk, stride, res, dy):
         e, p = e_params
         start, size = starts[e], group_sizes[e]
         end = start + size
-        n_full = size // chunk
-        carry = (dx, jax.tree.map(jnp.zeros_like, p))
-        carry = jax.lax.fori_loop(0, n_full, lambda j, c: add(c, rows(chunk, start + j * chunk, end, p),
-                                                              start + j * chunk), carry)
-        r0, rem = start + n_full * chunk, size - n_full * chunk
+        # The first min(size, chunk) rows give the weight gradients directly (no zero init, no add): with
+        # the capacity buffer (chunk == stride) and in most dropless experts (chunk = 2x the mean) that is
+        # all of them. An expert with no rows computes one quantum of masked rows: gradients exactly 0.
+        tile, grads = piece(jnp.minimum(size, chunk), start, end, p)
+        dx = jax.lax.dynamic_update_slice_in_dim(dx, tile, start, 0)
 
-        def remainder(carry):
-            out = jax.lax.switch(jnp.clip(-(-rem // quantum) - 1, 0, len(counts) - 1),
-                                 [functools.partial(rows, r, r0, end) for r in counts], p)
-            return add(carry, out, r0)
+        def more(carry):  # size > chunk: the other full chunks, then the remainder, accumulated
+            n_full = size // chunk
+            carry = jax.lax.fori_loop(1, n_full, lambda j, c: add(c, rows(chunk, start + j * chunk, end, p),
+                                                                  start + j * chunk), carry)
+            r0, rem = start + n_full * chunk, size - n_full * chunk
+            return jax.lax.cond(rem > 0, lambda c: add(c, piece(rem, r0, end, p), r0), lambda c: c, carry)
 
-        return jax.lax.cond(rem > 0, remainder, lambda c: c, carry)
+        return jax.lax.cond(size > chunk, more, lambda c: c, (dx, grads))
 
     num = group_sizes.shape[0]
-    dx, dparams = jax.lax.scan(expert, jnp.zeros((n + chunk, d), x.dtype), (jnp.arange(num), params))
-    return dx[:n], None, dparams
+    dx, dparams = jax.lax.scan(expert, jnp.zeros((n + overrun, d), x.dtype), (jnp.arange(num), params))
+    return (dx[:n] if overrun else dx), None, dparams
 
 
 sorted_rows_ffn.defvjp(_sorted_fwd, _sorted_bwd)

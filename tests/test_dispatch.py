@@ -317,15 +317,17 @@ def test_dropless_block_bound():
     np.testing.assert_array_equal(np.asarray(plan4.row_of_assignment).reshape(-1) // 4, experts)
 
 
-@pytest.mark.parametrize("glu", [False, True])
-def test_sorted_rows_ffn_matches_per_row_experts(glu):
+@pytest.mark.parametrize("glu,chunk", [(False, 32), (True, 32), (False, 16)])
+def test_sorted_rows_ffn_matches_per_row_experts(glu, chunk):
     """``sorted_rows_ffn`` (the CPU dropless kernel) against every row through its own expert.
 
-    60 rows sorted by expert with group sizes 0, 37, 5, 11 (53 real rows, 7 trailing rows belong to no expert),
-    chunk 32, so the row quantum is 2: expert 1 runs one full chunk and a remainder of 5 rounded to 6 (one row
+    60 rows sorted by expert with group sizes 0, 37, 5, 11 (53 real rows, 7 trailing rows belong to no expert).
+    Chunk 32, so the row quantum is 2: expert 1 runs one full chunk and a remainder of 5 rounded to 6 (one row
     of expert 2 computed with expert 1's weights, then overwritten), expert 2 spills into expert 3, expert 3
-    into the trailing rows. Over the 53 real rows output and gradients equal the reference; the trailing rows
-    are the caller's to mask (the cotangent is zero there, as in ``ragged_dot_experts``).
+    into the trailing rows. Chunk 16 (quantum 1): expert 1 runs two full chunks (the backward's first piece,
+    then one more through its chunk loop) and a remainder of 5. Over the 53 real rows output and gradients
+    equal the reference; the trailing rows are the caller's to mask (the cotangent is zero there, as in
+    ``ragged_dot_experts``).
     """
     from moe_jax.experts import ffn_apply, sorted_rows_ffn
 
@@ -349,7 +351,7 @@ def test_sorted_rows_ffn_matches_per_row_experts(glu):
         return jnp.sum(y * r[:real]), y
 
     def kernel(x, p):
-        y = sorted_rows_ffn(x, jnp.asarray(sizes), p, "gelu", 32)
+        y = sorted_rows_ffn(x, jnp.asarray(sizes), p, "gelu", chunk)
         return jnp.sum(y * r), y
 
     (ref, y_ref), (gx_ref, gp_ref) = jax.value_and_grad(reference, argnums=(0, 1), has_aux=True)(x, params)
