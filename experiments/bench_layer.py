@@ -39,6 +39,9 @@ The ``drop`` column is the fraction of token-expert assignments dropped by the c
 
 CPU pinning: unless ``XLA_FLAGS`` is already set, the script runs XLA on one CPU thread
 (``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``); start it under ``taskset -c 0``.
+Host memory: ``--host-malloc keep`` (the default) applies ``moe_jax.hostmem.keep_freed_memory`` first, so
+that glibc reuses freed memory instead of page-faulting every large buffer afresh on each call; the header
+line says which policy ran.
 """
 import argparse
 import json
@@ -84,10 +87,11 @@ def parse_args(argv=None):
                         "on [E, C_total, D] (the capacity buffer's rows) and on [E, T*K/E, D] (perfect balance, "
                         "no slack): what the expert GEMMs cost by themselves at this E")
     p.add_argument("--probes", action="store_true",
-                   help="instead: two CPU probes behind docs/perf.md: one projection [T/L, L, D] x [D, F] forward + "
-                        "backward with the token axes kept (3-D) against flattened (2-D, experts.on_rows); and "
+                   help="instead: CPU probes behind docs/perf.md: one projection [T/L, L, D] x [D, F] forward + "
+                        "backward with the token axes kept (3-D) against flattened (2-D, experts.on_rows); "
                         "writing a fresh float32 [64, D, F] buffer (an E=64 weight gradient) against adding two "
-                        "existing ones")
+                        "existing ones; the dense FFN and 64 experts on T/64 rows each; with page faults and "
+                        "kernel time per call (compare --host-malloc keep and default)")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     p.add_argument("--no-pin", action="store_true", help="do not set single-thread XLA CPU flags")
     p.add_argument("--host-malloc", default=None, choices=["keep", "default"],
@@ -311,7 +315,11 @@ def gemm_calls(args, dtype):
 
 
 def probes(args, dtype):
-    """CPU probes: (1) a [B, L, D] projection with two token axes vs flattened; (2) a fresh [64, D, F] buffer."""
+    """CPU probes: (1) a [B, L, D] projection with two token axes vs flattened; (2) fresh [64, D, F] buffers;
+    (3) the dense FFN and 64 experts on T/64 rows each, forward+backward. Per call: median ms, and the
+    minor page faults and kernel CPU ms (``getrusage``) that fresh host memory costs (``--host-malloc``)."""
+    import resource
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -319,6 +327,7 @@ def probes(args, dtype):
     t, l, d, f = args.tokens, args.seq_len, args.d_model, args.hidden
     x = jax.random.normal(jax.random.key(0), (t // l, l, d), jnp.float32).astype(dtype)
     w = jax.random.normal(jax.random.key(1), (d, f), jnp.float32).astype(dtype)
+    w2 = jax.random.normal(jax.random.key(3), (f, d), jnp.float32).astype(dtype)
     grad = lambda loss: jax.jit(jax.grad(loss, argnums=(0, 1)))
     fns = {
         f"projection [{t // l},{l},{d}]·[{d},{f}], fwd+bwd, token axes kept (3-D einsum)":
@@ -330,19 +339,31 @@ def probes(args, dtype):
     fns[f"write a fresh [64,{d},{f}] float32 buffer (broadcast of a scalar)"] = (
         jax.jit(lambda a: jnp.broadcast_to(a, (64, d, f))), (jnp.float32(1.0),))
     fns[f"add two existing [64,{d},{f}] buffers into a fresh one"] = (jax.jit(lambda a, b: a + b), (big, big))
+    ffn = lambda p, x: jnp.sum(jnp.einsum("...f,fd->...d", jax.nn.gelu(jnp.einsum("...d,df->...f", x, p[0])),
+                                          p[1]) ** 2)
+    fns[f"dense FFN [{t},{d}]·[{d},{f}]·[{f},{d}], fwd+bwd"] = (grad(ffn), ((w, w2), x.reshape(t, d)))
+    xe = x.reshape(64, t // 64, d)
+    moe = lambda p, x: jnp.sum(jnp.einsum("emf,efd->emd", jax.nn.gelu(jnp.einsum("emd,edf->emf", x, p[0])),
+                                          p[1]) ** 2)
+    fns[f"64 experts on [64,{t // 64},{d}], fwd+bwd (batched)"] = (
+        grad(moe), ((big.astype(dtype), jnp.swapaxes(big, 1, 2).astype(dtype)), xe))
     for fn, a in fns.values():
         jax.block_until_ready(fn(*a))
-    times = {name: [] for name in fns}
+    times, faults, kernel = ({name: [] for name in fns} for _ in range(3))
     for _ in range(max(args.repeats, 3)):
         for name, (fn, a) in fns.items():
-            t0 = time.perf_counter()
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             out = fn(*a)
             jax.block_until_ready(out)
             times[name].append(time.perf_counter() - t0)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            faults[name].append(r1.ru_minflt - r0.ru_minflt)
+            kernel[name].append(r1.ru_stime - r0.ru_stime)
             del out
-    print("| probe | median ms |\n|---|---:|")
+    print("| probe | median ms | page faults | kernel ms |\n|---|---:|---:|---:|")
     for name, ts in times.items():
-        print(f"| {name} | {np.median(ts) * 1e3:.1f} |")
+        print(f"| {name} | {np.median(ts) * 1e3:.1f} | {np.median(faults[name]):.0f} | "
+              f"{np.median(kernel[name]) * 1e3:.0f} |")
 
 
 def markdown(rows, args, cpu=True) -> str:

@@ -14,7 +14,8 @@ Measurement: compile both, then ``--repeats`` rounds; each round runs ``--steps`
 model, then of each MoE variant, in this one process. Reported: tokens/s (``B * L`` / median step time),
 the ratio to the dense model (median over rounds of the per-round ratio), for wall-clock and for process
 CPU time (on a shared CPU the CPU time is the steadier one). CPU pinning: unless ``XLA_FLAGS`` is set, XLA
-runs on one CPU thread; start the script under ``taskset -c 0``.
+runs on one CPU thread; start the script under ``taskset -c 0``. Host memory: ``--host-malloc keep`` (the
+default, as in ``experiments/train.py``) applies ``moe_jax.hostmem.keep_freed_memory`` first.
 """
 import argparse
 import os

@@ -12,9 +12,9 @@ makes large-``E`` layers look slow on CPU.
 
 What :func:`keep_freed_memory` does (``mallopt``, glibc only): one malloc arena for all threads
 (``M_ARENA_MAX=1``; a per-thread arena cannot grow beyond 64 MiB without mmap), no mmap for large blocks
-(``M_MMAP_MAX=0``), and no trimming of the heap top below 2 GiB (``M_TRIM_THRESHOLD``). The process then
-keeps its peak heap (that is the point: the next step reuses the pages) instead of unmapping it between
-steps.
+(``M_MMAP_MAX=0``), and no trimming of the heap top (``M_TRIM_THRESHOLD``). The process then keeps its
+peak heap until it exits (that is the point: the next step reuses the pages) instead of unmapping it between
+steps; a process that should give memory back after a large phase should not use it.
 
 It must run before JAX's first computation: a thread that has already allocated keeps its own arena, and the
 setting then has no effect on it. The experiment scripts call it first thing; call it at the top of your
@@ -36,7 +36,10 @@ ENV_VAR = "MOE_JAX_HOST_MALLOC"
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int: the largest value, 2 GiB
+# mallopt takes an int and glibc stores it as a size_t: -1 is SIZE_MAX, never trim. The largest positive
+# int (2 GiB) is not enough: a process that has held a few GiB (several E=64 layers compiled side by side)
+# frees a top chunk larger than that, glibc trims it, and the next call faults it all in again.
+_TRIM_THRESHOLD = -1
 
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin",
                         "libtpu")

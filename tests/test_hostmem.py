@@ -19,12 +19,13 @@ import resource, sys
 from moe_jax import hostmem
 print("policy:", hostmem.keep_freed_memory(sys.argv[1]))
 import jax, jax.numpy as jnp
-f = jax.jit(lambda a: a * 2.0)
-a = jnp.ones((16, 1024, 1024), jnp.float32)
+n_out, mib, calls = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+f = jax.jit(lambda a: tuple(a * (2.0 + i) for i in range(n_out)))
+a = jnp.ones((mib // 4, 1024, 1024), jnp.float32)
 faults = []
-for _ in range(16):
+for _ in range(calls):
     r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    out = f(a).block_until_ready()
+    out = jax.block_until_ready(f(a))
     del out
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
 print("faults:", " ".join(map(str, faults)))
@@ -34,11 +35,11 @@ glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
                                 reason="the policy is a glibc mallopt")
 
 
-def _run(mode):
+def _run(mode, n_out=1, mib=64, calls=16):
     env = {k: v for k, v in os.environ.items() if k != hostmem.ENV_VAR}
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, mode], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, mode, str(n_out), str(mib), str(calls)], env=env, capture_output=True, text=True,
                          timeout=300, check=True).stdout
     policy = next(line for line in out.splitlines() if line.startswith("policy:"))
     faults = [int(v) for v in next(line for line in out.splitlines() if line.startswith("faults:")).split()[1:]]
