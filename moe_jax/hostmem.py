@@ -3,18 +3,21 @@
 Why: glibc's ``malloc`` serves every block above 32 MiB (its largest mmap threshold) with a fresh ``mmap``
 and gives it back with ``munmap`` on ``free``. XLA:CPU allocates each large temporary and output of a
 compiled step separately, so every step of a model with large activations or weight gradients touches
-hundreds of MiB of new pages, and the kernel zeroes each 4 KiB page on its first write (a page fault). Measured
-on the 2-core AMD EPYC VM of docs/perf.md, forward+backward of 64 experts of ``512 x 1024`` on 8192 tokens:
-90 115 page faults and about 144 ms of kernel time per call out of 815 ms; with :func:`keep_freed_memory`
-applied, 0 faults and 0 ms (the FLOP-matched dense FFN: 32 769 faults and ~80 ms, then 0). The cost grows
-with the number of experts (the weight gradients are ``E`` times the dense layer's), so it is part of what
-makes large-``E`` layers look slow on CPU.
+hundreds of MiB of new pages, and the kernel zeroes each 4 KiB page on its first write (a page fault).
+Measured with ``taskset -c 0 python experiments/bench_layer.py --probes`` on the 2-core AMD EPYC VM of
+docs/perf.md, forward+backward of 64 experts of ``512 x 1024`` on 8192 tokens: 90 115 page faults and 148 ms
+of kernel time per call, 807 ms in all; with :func:`keep_freed_memory` applied 0, 0 and 653 ms. The
+FLOP-matched dense FFN: 32 769 faults, 60 ms, 618 ms; then 0, 0, 556 ms. The cost grows with the number of
+experts (the weight gradients are ``E`` times the dense layer's), so it is part of what made large-``E``
+layers look slow on CPU.
 
 What :func:`keep_freed_memory` does (``mallopt``, glibc only): one malloc arena for all threads
 (``M_ARENA_MAX=1``; a per-thread arena cannot grow beyond 64 MiB without mmap), no mmap for large blocks
 (``M_MMAP_MAX=0``), and no trimming of the heap top (``M_TRIM_THRESHOLD``). The process then keeps its
 peak heap until it exits (that is the point: the next step reuses the pages) instead of unmapping it between
-steps; a process that should give memory back after a large phase should not use it.
+steps; a process that should give memory back after a large phase should not use it. The first few calls
+of a step still grow the heap (JAX frees the previous call's buffers asynchronously); after that they fault
+nothing in.
 
 It must run before JAX's first computation: a thread that has already allocated keeps its own arena, and the
 setting then has no effect on it. The experiment scripts call it first thing; call it at the top of your
