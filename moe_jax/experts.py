@@ -69,6 +69,13 @@ def _row_counts(rows: int, quantum: int):
     return list(range(quantum, rows, quantum)) + [rows]
 
 
+def _rows_switch(rows_wanted, quantum: int, counts, branch, *operands):
+    """``branch(r)(*operands)`` for the smallest static ``r`` in ``counts`` that holds ``rows_wanted`` rows
+    (a traced count, rounded up to the quantum; at least one quantum, at most ``counts[-1]``)."""
+    index = jnp.clip(-(-rows_wanted // quantum) - 1, 0, len(counts) - 1)
+    return jax.lax.switch(index, [branch(r) for r in counts], *operands)
+
+
 def _kernel_init(batch_axes=()):
     # LeCun-normal-like, truncated, fan-in over the input axis only (in_axis=-2), never over E.
     return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
@@ -241,8 +248,7 @@ def _sorted_fwd(x, group_sizes, params, activation, chunk, stride=0):
         # The switch returns the padded tiles and the write happens outside it: a switch that carried the
         # buffers would copy them whole. Padding rows land on later experts' rows, which they overwrite.
         def remainder(bufs):
-            tiles = jax.lax.switch(jnp.clip(-(-rem // quantum) - 1, 0, len(counts) - 1),
-                                   [functools.partial(rows, r, r0) for r in counts], p)
+            tiles = _rows_switch(rem, quantum, counts, lambda r: functools.partial(rows, r, r0), p)
             return write(bufs, tiles, r0)
 
         return jax.lax.cond(rem > 0, remainder, lambda b: b, bufs)
@@ -275,9 +281,7 @@ def _sorted_bwd(activation, chunk, stride, res, dy):
         return jnp.pad(dxr, ((0, chunk - r), (0, 0))), grads
 
     def piece(rows_wanted, r0, end, p):
-        """The switch over the static row counts: ``rows_wanted`` (<= chunk) rounded up to the quantum."""
-        branch = jnp.clip(-(-rows_wanted // quantum) - 1, 0, len(counts) - 1)
-        return jax.lax.switch(branch, [functools.partial(rows, r, r0, end) for r in counts], p)
+        return _rows_switch(rows_wanted, quantum, counts, lambda r: functools.partial(rows, r, r0, end), p)
 
     def add(carry, out, r0):
         dx, grads = carry
