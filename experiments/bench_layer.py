@@ -24,10 +24,14 @@ Rows (``--dispatchers``):
 * ``grouped``: dropless on rows sorted by expert, a loop over experts of one FFN per chunk of rows
   (``experts.sorted_rows_ffn``);
 * ``ragged_dot``: dropless with ``jax.lax.ragged_dot`` (on CPU it costs E times the useful work);
-* ``blocks``: dropless, block-padded rows with per-block gathered weights (``dropless_impl='blocks'``).
+* ``blocks``: dropless, block-padded rows with per-block gathered weights (``dropless_impl='blocks'``);
+* ``gmm``: dropless on rows sorted by expert through ragged GEMM kernels forward and backward
+  (``dropless_impl='gmm'``, ``moe_jax.gmm``: JAX's Pallas Mosaic GPU kernels; Hopper GPUs, bfloat16).
+  ``--gmm-tiling FILE`` sets their tiles from the JSON that ``experiments/bench_gmm.py --json`` writes.
 
 Default rows: ``einsum, scatter, scatter_full, dropless`` on CPU; ``einsum, einsum_seq, scatter, grouped,
-ragged_dot, blocks`` on a GPU/TPU.
+ragged_dot, blocks, gmm`` on a GPU/TPU. With ``--matmul`` the table also gives each row's speed as a fraction
+of one dense matmul of the same FLOPs ("vs one matmul").
 
 Measurement: every function is compiled first; then ``--repeats`` rounds, each round calling the dense
 baseline and every MoE variant of the same K once, in turn, in this one process (so slow drifts of a shared
@@ -54,9 +58,10 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(0, _ROOT)
 
-DISPATCHERS = ("einsum", "einsum_seq", "scatter", "scatter_full", "dropless", "grouped", "ragged_dot", "blocks")
+DISPATCHERS = ("einsum", "einsum_seq", "scatter", "scatter_full", "dropless", "grouped", "ragged_dot", "blocks",
+               "gmm")
 CPU_DEFAULT = ("einsum", "scatter", "scatter_full", "dropless")
-ACCEL_DEFAULT = ("einsum", "einsum_seq", "scatter", "grouped", "ragged_dot", "blocks")
+ACCEL_DEFAULT = ("einsum", "einsum_seq", "scatter", "grouped", "ragged_dot", "blocks", "gmm")
 
 
 def parse_args(argv=None):
@@ -93,6 +98,8 @@ def parse_args(argv=None):
                         "existing ones; the dense FFN and 64 experts on T/64 rows each; with page faults and "
                         "kernel time per call (compare --host-malloc keep and default)")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
+    p.add_argument("--gmm-tiling", default=None,
+                   help="JSON file of the 'gmm' kernels' tiles, {'fwd': {...}, 'dw': {...}} (bench_gmm.py --json)")
     p.add_argument("--no-pin", action="store_true", help="do not set single-thread XLA CPU flags")
     p.add_argument("--host-malloc", default=None, choices=["keep", "default"],
                    help="'keep' (default): glibc keeps freed memory for the next call (moe_jax.hostmem); "
@@ -122,6 +129,12 @@ def main(argv=None):
 
     backend = jax.default_backend()
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    if args.gmm_tiling:
+        from moe_jax import gmm
+        with open(args.gmm_tiling) as fh:
+            tiles = json.load(fh)
+        gmm.set_tiling(**{kind: gmm.Tiling(**tiles[kind]) for kind in ("fwd", "dw") if kind in tiles})
+        print(f"# gmm tiling from {args.gmm_tiling}: {gmm._TILING}", flush=True)
     if args.gemm_calls:
         return gemm_calls(args, dtype)
     if args.probes:
@@ -163,7 +176,7 @@ def main(argv=None):
 
     def build_moe(cfg):
         layer = MoELayer(cfg, dtype=dtype)
-        params = layer.init({"params": kp, "router": kp}, x, train=True)["params"]
+        params = jax.jit(lambda x: layer.init({"params": kp, "router": kp}, x, train=True)["params"])(x)
 
         def loss(params, x):
             y, stats = layer.apply({"params": params}, x, train=True, rngs={"router": kp})
@@ -201,9 +214,9 @@ def main(argv=None):
         w = jax.random.normal(kr, (d, 6 * k * f), jnp.float32).astype(dtype)
         return jax.jit(lambda a, w: a @ w), (a, w)
 
-    def memory_mib(fn, *fargs):
+    def memory_mib(compiled):
         try:
-            m = fn.lower(*fargs).compile().memory_analysis()
+            m = compiled.memory_analysis()
             total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
             total -= getattr(m, "alias_size_in_bytes", 0)
             return total / 2 ** 20
@@ -248,13 +261,15 @@ def main(argv=None):
         times = {i: [] for i in range(len(fns))}
         cpu_times = {i: [] for i in range(len(fns))}
         info = {}
-        for i, (label, e, fn, fargs, _) in enumerate(fns):
+        for i, (label, e, fn, fargs, drop) in enumerate(fns):
             t0 = time.perf_counter()
+            fn = fn.lower(*fargs).compile()  # compiled once: timed below and asked for its memory
+            fns[i] = (label, e, fn, fargs, drop)
             block(fn(*fargs))
             compile_s = time.perf_counter() - t0
             for _ in range(args.warmup):
                 block(fn(*fargs))
-            info[i] = (compile_s, memory_mib(fn, *fargs))
+            info[i] = (compile_s, memory_mib(fn))
             print(f"  compiled {label:10s} E={e} K={k}: {compile_s:.1f}s (+warmup), {info[i][1]:.0f} MiB",
                   flush=True)
         for rep in range(args.repeats):
@@ -370,8 +385,10 @@ def markdown(rows, args, cpu=True) -> str:
     flops_unit = "TFLOP/s" if any(r["gflops"] > 2000 for r in rows) else "GFLOP/s"
     scale = 1e-3 if flops_unit == "TFLOP/s" else 1.0
     cpu_head, cpu_rule = (" CPU ms | × dense (CPU) |", "---:|---:|") if cpu else ("", "")
-    lines = [f"| K | E | dispatcher | median ms | × dense |{cpu_head} useful {flops_unit} | memory MiB | dropped |",
-             f"|---|---|---|---:|---:|{cpu_rule}---:|---:|---:|"]
+    matmul = {r["k"]: r["median_ms"] for r in rows if r["dispatcher"] == "matmul"}
+    mm_head, mm_rule = (" vs one matmul |", "---:|") if matmul else ("", "")
+    lines = [f"| K | E | dispatcher | median ms | × dense |{cpu_head} useful {flops_unit} |{mm_head} memory MiB | "
+             "dropped |", f"|---|---|---|---:|---:|{cpu_rule}---:|{mm_rule}---:|---:|"]
     for r in rows:
         e = "" if r["e"] is None else str(r["e"])
         drop = "" if r["drop"] is None else f"{100 * r['drop']:.1f}%"
@@ -379,8 +396,11 @@ def markdown(rows, args, cpu=True) -> str:
                  "floor_C": "experts alone, C rows", "floor_TK/E": "experts alone, T·K/E rows"}.get(
             r["dispatcher"], r["dispatcher"])
         cpu_cells = f" {r['cpu_ms']:.1f} | {r['cpu_ratio']:.2f} |" if cpu else ""
-        lines.append(f"| {r['k']} | {e} | {label} | {r['median_ms']:.1f} | {r['ratio']:.2f} |{cpu_cells} "
-                     f"{r['gflops'] * scale:.1f} | {r['mem_mib']:.0f} | {drop} |")
+        mm_cell = (f" {100 * matmul[r['k']] / r['median_ms']:.0f}% |" if r["k"] in matmul
+                   else (" |" if matmul else ""))
+        digits = 3 if r["median_ms"] < 10 else 1
+        lines.append(f"| {r['k']} | {e} | {label} | {r['median_ms']:.{digits}f} | {r['ratio']:.2f} |{cpu_cells} "
+                     f"{r['gflops'] * scale:.1f} |{mm_cell} {r['mem_mib']:.0f} | {drop} |")
     return "\n".join(lines)
 
 

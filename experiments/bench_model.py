@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--moe-every", type=int, default=2, help="MoE in blocks 1, 3, ... (2, Switch) or all (1)")
     p.add_argument("--dispatchers", default="auto",
-                   help="comma-separated MoEConfig.dispatcher values to time (default: auto)")
+                   help="comma-separated MoEConfig.dispatcher values to time, each optionally with its "
+                        "dropless_impl: 'dropless:gmm' (default: auto)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="train steps per timed call")
@@ -82,10 +83,12 @@ def main(argv=None):
                   dtype=args.dtype)
     variants = [("dense", ModelConfig(d_ff=args.k * args.hidden, **common).validate())]
     for name in args.dispatchers.split(","):
+        name, _, impl = name.partition(":")  # 'dropless:gmm' = dispatcher 'dropless', dropless_impl 'gmm'
         moe = MoEConfig(num_experts=args.experts, k=args.k, router="top_k", expert_hidden=args.hidden,
-                        dispatcher=name, capacity_factor=1.25, slot_order="token_major" if args.k > 1 else
-                        "choice_major", renormalize_top_k=args.k > 1)
-        label = f"moe {name}" + (f" (= {moe.resolved_dispatcher()})" if name == "auto" else "")
+                        dispatcher=name, dropless_impl=impl or "auto", capacity_factor=1.25,
+                        slot_order="token_major" if args.k > 1 else "choice_major", renormalize_top_k=args.k > 1)
+        label = f"moe {name}" + (f" (= {moe.resolved_dispatcher()})" if name == "auto" else "") + (
+            f" ({impl})" if impl else "")
         variants.append((label, ModelConfig(d_ff=args.k * args.hidden, moe_every=args.moe_every, moe=moe,
                                             **common).validate()))
 
@@ -106,7 +109,8 @@ def main(argv=None):
           f"K={args.k} moe_every={args.moe_every} L={args.seq_len} B={args.batch} dtype={args.dtype} "
           f"repeats={args.repeats}x{args.steps} steps; jax {jax.__version__}; {machine}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; dispatch.default_dispatcher()="
-          f"{dispatch.default_dispatcher()!r}, default_dropless_impl()={dispatch.default_dropless_impl()!r}; "
+          f"{dispatch.default_dispatcher()!r}, default_dropless_impl(dtype={args.dtype})="
+          f"{dispatch.default_dropless_impl(dtype=args.dtype)!r}; "
           f"host malloc: {host_malloc}", flush=True)
     for r in runs:
         print(f"  {r['label']:24s} {r['counts'].summary()}", flush=True)

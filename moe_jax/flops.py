@@ -74,9 +74,9 @@ def routed_expert_weights(cfg: ModelConfig) -> int:
 def _moe_nonrouted_params(cfg: ModelConfig, seq_len: int) -> int:
     """Parameters of one MoE layer other than the routed experts (router + shared experts + anything a router
     adds), from the module's own abstract init (``jax.eval_shape``: no computation)."""
-    layer = MoELayer(cfg.moe, causal=True)
+    layer = MoELayer(cfg.moe, causal=True, dtype=cfg.compute_dtype)  # as model.py builds it
     s = cfg.moe.resolved_group_size(seq_len)  # None -> L; 'auto' -> per dispatcher
-    x = jax.ShapeDtypeStruct((1, s, cfg.d_model), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, s, cfg.d_model), cfg.compute_dtype)
     ids = jax.ShapeDtypeStruct((1, s), jnp.int32)
     shapes = jax.eval_shape(lambda x, ids: layer.init({"params": jax.random.key(0), "router": jax.random.key(1)},
                                                       x, train=False, token_ids=ids), x, ids)

@@ -68,7 +68,9 @@ class MoEConfig:
       dropless_block_size: rows per block of the dropless layout; None = automatic.
       dropless_impl: 'auto' (the fastest measured on the backend, ``dispatch.default_dropless_impl``:
         'grouped' on CPU, 'blocks' on GPU), 'grouped' (a loop over experts on rows sorted by expert), 'ragged_dot'
-        (``jax.lax.ragged_dot``) or 'blocks' (block-padded rows, weights gathered per block).
+        (``jax.lax.ragged_dot``), 'blocks' (block-padded rows, weights gathered per block) or 'gmm' (rows
+        sorted by expert through ragged GEMM kernels forward and backward: JAX's Pallas Mosaic GPU kernels,
+        Hopper GPUs and bfloat16 only; ``moe_jax.gmm``).
       capacity_compute: what the capacity dispatcher 'scatter' computes: 'filled' (each expert only on its
         filled buffer rows, rounded up to a small quantum: ``experts.sorted_rows_ffn``, a loop of one FFN per
         expert), 'full' (all ``G*C`` rows as one batched matmul) or 'auto' ('filled' on CPU, 'full'
@@ -161,9 +163,10 @@ class MoEConfig:
             return seq_len
         return self.group_size or seq_len
 
-    def resolved_dropless_impl(self, sharded: bool = False) -> str:
+    def resolved_dropless_impl(self, sharded: bool = False, dtype=None) -> str:
+        """``dtype``: the experts' compute dtype ('gmm' is the GPU default for bfloat16/float16 only)."""
         if self.dropless_impl == "auto":
-            return dispatch_lib.default_dropless_impl(sharded=sharded)
+            return dispatch_lib.default_dropless_impl(sharded=sharded, dtype=dtype)
         return self.dropless_impl
 
     def resolved_capacity_compute(self, sharded: bool = False) -> str:
@@ -372,7 +375,7 @@ class MoELayer(nn.Module):
         experts = BatchedExperts(cfg.num_experts, d, cfg.expert_hidden, cfg.activation, cfg.glu,
                                  dtype=self.dtype, name="experts")
         mesh = parallel.context_mesh()  # set by `with jax.set_mesh(mesh)`; see parallel.py
-        impl = cfg.resolved_dropless_impl(sharded=mesh is not None)
+        impl = cfg.resolved_dropless_impl(sharded=mesh is not None, dtype=self.dtype)
         if mesh is None:
             result = dispatch_lib.get_dispatcher(dispatcher)(
                 xg.astype(self.dtype), decision, experts, capacity, slot_order=cfg.slot_order,

@@ -1,0 +1,196 @@
+"""Grouped matrix multiplies on rows sorted by group (expert), with their own VJP: the GPU dropless path.
+
+``grouped_matmul(x [M, D], w [G, D, F], group_sizes [G]) -> y [M, F]``: rows ``[o_g, o_g + n_g)`` of ``x``
+times ``w[g]``, where ``n_g = group_sizes[g]`` and ``o_g = n_0 + ... + n_{g-1}``. It is
+``jax.lax.ragged_dot(x, w, group_sizes)``; what differs is how it runs, forward and backward:
+
+* forward ``y = x · w[g]`` and input gradient ``dx = dy · w[g]ᵀ``: one ragged GEMM each (grouped rows,
+  one weight matrix per group);
+* weight gradient ``dw[g] = x[rows of g]ᵀ · dy[rows of g]``: a "transposed" ragged GEMM whose contraction
+  runs over each group's rows.
+
+Backends (``backend=``):
+
+* ``'mosaic'``: JAX's Pallas Mosaic GPU kernels for Hopper (sm_90: H100, H200),
+  ``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu.ragged_dot`` (forward and ``dx``, warpgroup MMA with a
+  TMA pipeline; tiles that straddle a group boundary are computed once per group and stored masked) and
+  ``transposed_ragged_dot_mgpu.transposed_ragged_dot`` (``dw``). Every GEMM does only the useful work
+  (plus at most one partial tile per group). bfloat16/float16 only; ``D`` and ``F`` multiples of 64.
+* ``'xla'``: ``jax.lax.ragged_dot`` / ``ragged_dot_general``. Correct on every backend, and the reference
+  the tests compare against; but with jax 0.10/0.11 both CPU and GPU lower it to a dense masked product (G
+  times the work and memory; docs/perf.md, the H100 table), so it is not a fast path anywhere.
+
+Contract on the rows: the Mosaic forward kernel writes only the rows inside the groups; rows past
+``sum(group_sizes)`` are left unwritten (not zero). Callers make the groups cover all ``M`` rows: the
+dispatcher (``dispatch.ragged_dot_experts`` with ``dropless_impl='gmm'``) adds the rows of dropped
+assignments, which hold zeros, to the last group (``cover_all_rows``).
+
+Tiling: ``set_tiling(fwd=..., dw=...)`` (``Tiling``: ``block_m, block_n, block_k`` and the kernels' pipeline
+depth and tile order); read at trace time. ``experiments/bench_gmm.py`` times a sweep of tilings on the GPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+BACKENDS = ("mosaic", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Tile sizes of one Mosaic GPU kernel. ``block_m``: output rows per tile (forward: token rows;
+    ``dw``: rows of ``w``, i.e. ``D``); ``block_n``: output columns per tile; ``block_k``: the contraction's
+    step (``dw``: token rows per step); ``max_concurrent_steps``: TMA pipeline depth; ``grid_block_n``:
+    output tiles per column band of the tile order (L2 reuse)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    max_concurrent_steps: int = 4
+    grid_block_n: int = 1
+
+    def fit(self, **dims: int) -> "Tiling":
+        """This tiling with each named block (``block_m=D`` etc.) lowered, if it does not divide its
+        dimension, to the largest of 256, 192, 128, 64 below it that does (64: the warpgroup MMA's row
+        granularity)."""
+        out = {}
+        for name, dim in dims.items():
+            b = getattr(self, name)
+            for c in [b] + [c for c in (256, 192, 128, 64) if c < b]:
+                if dim % c == 0:
+                    b = c
+                    break
+            if dim % b:
+                raise ValueError(f"gmm: dimension {dim} is not a multiple of {b} ({name}); the Mosaic GPU "
+                                 "kernels need the model width D and the expert width F to be multiples of "
+                                 "64. Use dropless_impl='blocks' for other widths.")
+            out[name] = b
+        return dataclasses.replace(self, **out)
+
+
+# The best of experiments/bench_gmm.py's sweep on an H200 (jax 0.11.2; T*K = 16384 rows, D=512, F=1024, E=8 and
+# E=64 alike; docs/perf.md): forward/dx 128x128 tiles in bands of 4 column tiles, dw 64x256 tiles.
+DEFAULT_TILING = {"fwd": Tiling(128, 128, 64, 4, 4), "dw": Tiling(64, 256, 64, 4, 1)}
+_TILING: Dict[str, Tiling] = dict(DEFAULT_TILING)
+
+
+def set_tiling(fwd: Optional[Tiling] = None, dw: Optional[Tiling] = None) -> Dict[str, Tiling]:
+    """Set the Mosaic kernels' tiling (``fwd``: forward and ``dx``; ``dw``: weight gradient). Returns the
+    previous setting. Read when a function is traced: re-jit after changing it."""
+    old = dict(_TILING)
+    if fwd is not None:
+        _TILING["fwd"] = fwd
+    if dw is not None:
+        _TILING["dw"] = dw
+    return old
+
+
+@functools.lru_cache(maxsize=None)
+def mosaic_unavailable_reason() -> Optional[str]:
+    """None if the Mosaic GPU kernels can run on the default device; else why not (for error messages)."""
+    if jax.default_backend() != "gpu":
+        return f"the default backend is {jax.default_backend()!r}, not 'gpu'"
+    dev = jax.devices()[0]
+    cc = str(getattr(dev, "compute_capability", ""))
+    if cc and not cc.startswith("9."):
+        return f"{dev.device_kind} has compute capability {cc}; the kernels are written for Hopper (9.0)"
+    try:
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu  # noqa: F401
+    except Exception as err:  # noqa: BLE001  (any import failure means: not here)
+        return f"jax {jax.__version__} has no usable Pallas Mosaic GPU ragged-dot kernels ({err})"
+    return None
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """``'auto'`` -> ``'mosaic'`` where it can run, else a ValueError that says why and what to use."""
+    if backend == "auto":
+        reason = mosaic_unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"MoEConfig.dropless_impl='gmm' runs JAX's Pallas Mosaic GPU kernels on a Hopper "
+                             f"GPU, but {reason}. Use dropless_impl='auto' (the backend's fastest: 'grouped' "
+                             "on CPU, 'blocks' on other GPUs).")
+        return "mosaic"
+    if backend not in BACKENDS:
+        raise ValueError(f"gmm backend must be 'auto' or one of {BACKENDS}, got {backend!r}.")
+    return backend
+
+
+def cover_all_rows(group_sizes: Array, num_rows: int) -> Array:
+    """``[G]`` -> ``[G]``: the last group also takes the rows past ``sum(group_sizes)``, so that every one of
+    the ``num_rows`` rows belongs to a group (see the module docstring)."""
+    return group_sizes.at[-1].add(num_rows - jnp.sum(group_sizes))
+
+
+def _kwargs(fn, tiling: Tiling) -> dict:
+    accepted = inspect.signature(fn).parameters
+    return {k: v for k, v in dataclasses.asdict(tiling).items() if k in accepted}
+
+
+def _fwd_kernel(backend: str, x: Array, w: Array, gs: Array, transpose_rhs: bool) -> Array:
+    """``x [M, K]`` times ``w[g]`` (``w [G, K, N]``, or ``[G, N, K]`` used transposed) -> ``[M, N]``."""
+    if backend == "xla":
+        return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2) if transpose_rhs else w, gs)
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    k = x.shape[1]
+    n = w.shape[1] if transpose_rhs else w.shape[2]
+    tiling = _TILING["fwd"].fit(block_k=k, block_n=n)
+    return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=gs, transpose_rhs=transpose_rhs,
+                                      **_kwargs(ragged_dot_mgpu.ragged_dot, tiling))
+
+
+def _dw_kernel(backend: str, x: Array, dy: Array, gs: Array) -> Array:
+    """``x [M, D]``, ``dy [M, F]`` -> ``[G, D, F]``: per group, ``x[rows]ᵀ · dy[rows]``."""
+    if backend == "xla":
+        dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
+                                                 lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+        return jax.lax.ragged_dot_general(x, dy, gs, dims)
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+
+    tiling = _TILING["dw"].fit(block_m=x.shape[1], block_n=dy.shape[1])
+    fn = transposed_ragged_dot_mgpu.transposed_ragged_dot
+    return fn(x, dy, group_sizes=gs, **_kwargs(fn, tiling))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _grouped_matmul(x: Array, w: Array, group_sizes: Array, backend: str) -> Array:
+    return _fwd_kernel(backend, x, w, group_sizes, transpose_rhs=False)
+
+
+def _gmm_fwd(x, w, group_sizes, backend):
+    return _fwd_kernel(backend, x, w, group_sizes, transpose_rhs=False), (x, w, group_sizes)
+
+
+def _gmm_bwd(backend, res, dy):
+    x, w, gs = res
+    dy = dy.astype(x.dtype)
+    dx = _fwd_kernel(backend, dy, w, gs, transpose_rhs=True)  # [M, D] = dy · w[g]ᵀ
+    dw = _dw_kernel(backend, x, dy, gs)  # [G, D, F]
+    return dx.astype(x.dtype), dw.astype(w.dtype), np.zeros(gs.shape, dtype=jax.dtypes.float0)
+
+
+_grouped_matmul.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def grouped_matmul(x: Array, w: Array, group_sizes: Array, backend: str = "auto") -> Array:
+    """``x [M, D]``, ``w [G, D, F]``, ``group_sizes [G]`` (int, summing to at most M) -> ``[M, F]`` (see the
+    module docstring). ``x`` and ``w`` must share a dtype; ``backend`` is ``'auto'`` (Mosaic where it runs,
+    else a ValueError), ``'mosaic'`` or ``'xla'``. Differentiable in ``x`` and ``w``."""
+    backend = resolve_backend(backend)
+    if x.ndim != 2 or w.ndim != 3 or group_sizes.shape != (w.shape[0],) or x.shape[1] != w.shape[1]:
+        raise ValueError(f"grouped_matmul: expected x [M, D], w [G, D, F], group_sizes [G]; got x {x.shape}, "
+                         f"w {w.shape}, group_sizes {group_sizes.shape}.")
+    if x.dtype != w.dtype:
+        raise ValueError(f"grouped_matmul: x and w must share a dtype, got {x.dtype} and {w.dtype}.")
+    if backend == "mosaic" and x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"dropless_impl='gmm' (Mosaic GPU kernels) needs bfloat16 or float16 experts, got "
+                         f"{x.dtype}: set the model's dtype to bfloat16, or use dropless_impl='blocks'.")
+    return _grouped_matmul(x, w, group_sizes.astype(jnp.int32), backend)

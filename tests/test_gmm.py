@@ -1,0 +1,130 @@
+"""moe_jax.gmm: grouped matmul on rows sorted by group, its own VJP, and its errors.
+
+The Mosaic GPU kernels need a Hopper GPU (experiments/bench_gmm.py checks them there against the 'xla'
+kernels); on CPU the same custom VJP runs with the 'xla' kernels, checked here against numbers derived by
+hand and against autodiff of ``jax.lax.ragged_dot``.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import gmm
+
+
+def test_hand_derived_values_and_gradients():
+    # x [M=4, D=2], groups of sizes [1, 3]: row 0 -> w[0], rows 1..3 -> w[1]
+    x = jnp.array([[1., 0.], [0., 1.], [1., 1.], [2., -1.]])
+    w = jnp.array([[[1., 2., 0.], [0., 1., 1.]],  # w[0] [D=2, F=3]
+                   [[0., 1., 1.], [1., 0., 2.]]])  # w[1]
+    gs = jnp.array([1, 3])
+    y = gmm.grouped_matmul(x, w, gs, backend="xla")
+    # y0 = [1,0]·w0 = [1,2,0]; y1 = [0,1]·w1 = [1,0,2]; y2 = [1,1]·w1 = [1,1,3]; y3 = [2,-1]·w1 = [-1,2,0]
+    np.testing.assert_array_equal(y, [[1, 2, 0], [1, 0, 2], [1, 1, 3], [-1, 2, 0]])
+    # loss = sum(y) -> dy = ones. dx_i = ones · w[g(i)]ᵀ = row sums of w[g]: w0 -> [3, 2], w1 -> [2, 3]
+    # dw[0] = x0ᵀ · ones = [[1,1,1],[0,0,0]]; dw[1] = (x1+x2+x3)ᵀ · ones = [3, 1] per column
+    dx, dw = jax.grad(lambda x, w: jnp.sum(gmm.grouped_matmul(x, w, gs, backend="xla")), argnums=(0, 1))(x, w)
+    np.testing.assert_array_equal(dx, [[3, 2], [2, 3], [2, 3], [2, 3]])
+    np.testing.assert_array_equal(dw, [[[1, 1, 1], [0, 0, 0]], [[3, 3, 3], [1, 1, 1]]])
+
+
+def test_custom_vjp_matches_autodiff_of_ragged_dot():
+    # 5 groups, one of them empty, sizes summing to M; a random cotangent
+    m, d, f = 13, 8, 6
+    kx, kw, kr = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (m, d))
+    w = jax.random.normal(kw, (5, d, f))
+    r = jax.random.normal(kr, (m, f))
+    gs = jnp.array([4, 0, 2, 6, 1])
+
+    def loss(fn):
+        return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(fn(x, w) * r), argnums=(0, 1)))(x, w)
+
+    got = loss(lambda x, w: gmm.grouped_matmul(x, w, gs, backend="xla"))
+    ref = loss(lambda x, w: jax.lax.ragged_dot(x, w, gs))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(jnp.abs(got[1][1][1]))) == 0.0  # the empty group gets no weight gradient
+    assert float(jnp.min(jnp.abs(got[1][1][3]))) > 0.0
+
+
+def test_cover_all_rows_gives_the_rest_to_the_last_group():
+    # sizes [1, 2, 0] of M = 5 rows: the last group takes rows 3 and 4
+    np.testing.assert_array_equal(gmm.cover_all_rows(jnp.array([1, 2, 0]), 5), [1, 2, 2])
+    np.testing.assert_array_equal(gmm.cover_all_rows(jnp.array([3, 2]), 5), [3, 2])
+
+
+def test_tiling_fits_each_block_to_its_dimension():
+    t = gmm.Tiling(block_m=128, block_n=256, block_k=64)
+    # 192 % 128 != 0 -> 64; 1024 % 256 == 0 -> 256; 512 % 64 == 0 -> 64
+    assert t.fit(block_m=192, block_n=1024, block_k=512) == gmm.Tiling(block_m=64, block_n=256, block_k=64)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        t.fit(block_m=96)
+
+
+def test_errors_name_the_field_and_the_fix():
+    x = jnp.zeros((4, 8))
+    w = jnp.zeros((2, 8, 16))
+    gs = jnp.array([2, 2])
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="dropless_impl='gmm'.*Hopper.*dropless_impl='auto'"):
+            gmm.grouped_matmul(x, w, gs)
+    with pytest.raises(ValueError, match="share a dtype"):
+        gmm.grouped_matmul(x, w.astype(jnp.bfloat16), gs, backend="xla")
+    with pytest.raises(ValueError, match=r"x \[M, D\], w \[G, D, F\]"):
+        gmm.grouped_matmul(x, w, jnp.array([4]), backend="xla")
+    with pytest.raises(ValueError, match="bfloat16"):
+        gmm.grouped_matmul(x, w, gs, backend="mosaic")
+    with pytest.raises(ValueError, match="backend"):
+        gmm.grouped_matmul(x, w, gs, backend="cuda")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the error off a GPU")
+def test_moe_layer_with_gmm_off_a_hopper_gpu_says_what_to_use():
+    from moe_jax.moe import MoEConfig, MoELayer
+
+    cfg = MoEConfig(num_experts=4, k=2, expert_hidden=64, dispatcher="dropless", dropless_impl="gmm")
+    layer = MoELayer(cfg, dtype=jnp.bfloat16)
+    x = jnp.zeros((1, 8, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="dropless_impl='gmm'.*Hopper"):
+        layer.init({"params": jax.random.key(0), "router": jax.random.key(1)}, x, train=True)
+
+
+def test_default_dropless_impl_picks_gmm_only_on_hopper_with_half_precision(monkeypatch):
+    from moe_jax import dispatch
+
+    assert dispatch.default_dropless_impl("cpu", dtype=jnp.bfloat16) == "grouped"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(gmm, "mosaic_unavailable_reason", lambda: None)  # as on an H100/H200
+    assert dispatch.default_dropless_impl(dtype=jnp.bfloat16) == "gmm"
+    assert dispatch.default_dropless_impl(dtype="float16") == "gmm"
+    assert dispatch.default_dropless_impl(dtype=jnp.float32) == "blocks"  # the kernels are half precision
+    assert dispatch.default_dropless_impl(dtype=None) == "blocks"
+    assert dispatch.default_dropless_impl(sharded=True, dtype=jnp.bfloat16) == "blocks"
+    monkeypatch.setattr(gmm, "mosaic_unavailable_reason", lambda: "an A100")
+    assert dispatch.default_dropless_impl(dtype=jnp.bfloat16) == "blocks"
+
+
+def test_bench_gmm_dry_run_off_a_gpu(tmp_path, capsys):
+    """experiments/bench_gmm.py end to end with the 'xla' kernels (what it runs on a Hopper GPU with
+    'mosaic'): the check passes, every tiling of the sweep runs, the best tilings land in the JSON."""
+    import json
+    import runpy
+    import sys
+
+    root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
+    sys.path.insert(0, root)
+    try:
+        bench = runpy.run_path(f"{root}/experiments/bench_gmm.py")
+    finally:
+        sys.path.remove(root)
+    out = tmp_path / "tiling.json"
+    bench["main"](["--backend", "xla", "--tokens", "64", "--k", "1", "--d-model", "64", "--hidden", "128",
+                   "--experts", "4", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert text.count("PASS") == 2 and "FAIL" not in text and "failed" not in text
+    assert text.count("| 4 | x·w[g] |") == len(bench["FWD_SWEEP"])
+    assert text.count("| 4 | x[g]ᵀ·dy[g] |") == len(bench["DW_SWEEP"])
+    best = json.loads(out.read_text())
+    assert set(best) == {"fwd", "dw"} and gmm.Tiling(**best["fwd"]) and gmm.Tiling(**best["dw"])
+    assert gmm._TILING == gmm.DEFAULT_TILING  # the sweep put the defaults back
