@@ -98,7 +98,8 @@ def main(argv=None):
     for label, cfg in variants:
         model = Transformer(cfg)
         tx, schedule = train.make_optimizer(train_cfg)
-        state = train.create_state(model, tx, rng, args.seq_len)
+        # one compiled init (op-by-op init of a whole model is slow on a GPU)
+        state = jax.jit(lambda r, model=model, tx=tx: train.create_state(model, tx, r, args.seq_len))(rng)
         step = jax.jit(train.make_train_step(model, tx, schedule), donate_argnums=0)
         counts = count_model(cfg, args.seq_len)
         runs.append(dict(label=label, step=step, state=state, counts=counts, wall=[], cpu=[]))
