@@ -18,7 +18,10 @@ Backends (``backend=``):
   (plus at most one partial tile per group). bfloat16/float16 only; ``D`` and ``F`` multiples of 64.
 * ``'xla'``: ``jax.lax.ragged_dot`` / ``ragged_dot_general``. Correct on every backend, and the reference
   the tests compare against; but with jax 0.10/0.11 both CPU and GPU lower it to a dense masked product (G
-  times the work and memory; docs/perf.md, the H100 table), so it is not a fast path anywhere.
+  times the work and memory; docs/perf.md, the H100 table), so it is not a fast path anywhere. It keeps the
+  Mosaic kernels' hazards, so that CPU tests catch a caller who trips them: its forward output is NaN in
+  the rows past the groups (the Mosaic kernel writes nothing there), and a non-finite value in those rows
+  makes the weight gradient NaN (the Mosaic kernel masks them by multiplying by 0).
 
 Contract on the rows: the Mosaic forward kernel writes only the rows inside the groups; rows past
 ``sum(group_sizes)`` are left unwritten (not zero). Callers make the groups cover all ``M`` rows: the
@@ -137,7 +140,11 @@ def _kwargs(fn, tiling: Tiling) -> dict:
 def _fwd_kernel(backend: str, x: Array, w: Array, gs: Array, transpose_rhs: bool) -> Array:
     """``x [M, K]`` times ``w[g]`` (``w [G, K, N]``, or ``[G, N, K]`` used transposed) -> ``[M, N]``."""
     if backend == "xla":
-        return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2) if transpose_rhs else w, gs)
+        y = jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2) if transpose_rhs else w, gs)
+        # the Mosaic kernel leaves rows past the groups unwritten; here they are NaN, so that a caller who
+        # reads them fails its tests on CPU too (see the module docstring)
+        outside = jnp.arange(x.shape[0]) >= jnp.sum(gs)
+        return jnp.where(outside[:, None], jnp.asarray(jnp.nan, y.dtype), y)
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
     k = x.shape[1]
@@ -152,7 +159,12 @@ def _dw_kernel(backend: str, x: Array, dy: Array, gs: Array) -> Array:
     if backend == "xla":
         dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
                                                  lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
-        return jax.lax.ragged_dot_general(x, dy, gs, dims)
+        dw = jax.lax.ragged_dot_general(x, dy, gs, dims)
+        # The Mosaic kernel masks a block's rows past its group by multiplying them by 0, so a NaN there
+        # (e.g. an unwritten forward row) spoils the gradient. Reproduce that: 0 * (rows past the groups).
+        outside = (jnp.arange(x.shape[0]) >= jnp.sum(gs))[:, None]
+        spoil = jnp.where(outside, x, 0).T @ jnp.where(outside, dy, 0)
+        return dw.at[-1].add(0 * spoil)
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
     tiling = _TILING["dw"].fit(block_m=x.shape[1], block_n=dy.shape[1])

@@ -128,3 +128,25 @@ def test_bench_gmm_dry_run_off_a_gpu(tmp_path, capsys):
     best = json.loads(out.read_text())
     assert set(best) == {"fwd", "dw"} and gmm.Tiling(**best["fwd"]) and gmm.Tiling(**best["dw"])
     assert gmm._TILING == gmm.DEFAULT_TILING  # the sweep put the defaults back
+
+
+def test_rows_past_the_groups_are_poisoned_and_cover_all_rows_fixes_it():
+    # the Mosaic forward kernel leaves rows past sum(group_sizes) unwritten; the 'xla' kernels make them NaN
+    x = jnp.ones((5, 4))
+    w = jnp.ones((2, 4, 3))
+    gs = jnp.array([1, 2])  # rows 3 and 4 belong to no group
+    y = np.asarray(gmm.grouped_matmul(x, w, gs, backend="xla"))
+    assert np.all(y[:3] == 4.0) and np.all(np.isnan(y[3:]))
+    y = gmm.grouped_matmul(x, w, gmm.cover_all_rows(gs, 5), backend="xla")
+    np.testing.assert_array_equal(y, np.full((5, 3), 4.0))
+
+
+def test_a_nan_past_the_groups_spoils_the_weight_gradient_as_on_the_gpu():
+    # the Mosaic weight-gradient kernel masks rows past the groups by multiplying by 0: NaN * 0 = NaN
+    x = jnp.ones((5, 4)).at[4, 0].set(jnp.nan)  # groups [1, 2] cover rows 0..2; rows 3 and 4 are past them
+    dy = jnp.ones((5, 3))
+    gs = jnp.array([1, 2])
+    dw = np.asarray(gmm._dw_kernel("xla", x, dy, gs))
+    assert np.all(np.isfinite(dw[0])) and np.isnan(dw[1]).any()
+    dw = np.asarray(gmm._dw_kernel("xla", x.at[4, 0].set(7.0), dy, gs))
+    np.testing.assert_array_equal(dw[1], np.full((4, 3), 2.0))  # rows 1, 2 of ones: 1 + 1
