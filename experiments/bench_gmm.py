@@ -63,6 +63,13 @@ def timeit(fn, *args, calls=20, rounds=5):
     return float(np.median(times))
 
 
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b| (NaN if either holds a NaN)."""
+    import numpy as np
+
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
 def check(jax, jnp, np, gmm, backend):
     m, d, f, g = 1000, 128, 256, 8
     kx, kw, kr, ks = jax.random.split(jax.random.key(0), 4)
@@ -84,7 +91,7 @@ def check(jax, jnp, np, gmm, backend):
 
     ok = True
     for name, a, b in zip(("y", "dx", "dw"), run(backend), run("xla")):
-        err = float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+        err = rel_err(a, b)
         ok &= bool(err <= 2e-2)  # False for NaN too
         print(f"check {name:2s} {a.shape}: max |{backend} - xla| / max |xla| = {err:.2e}", flush=True)
     print(f"check group sizes {sizes.tolist()}: {'PASS' if ok else 'FAIL'}", flush=True)
@@ -93,11 +100,7 @@ def check(jax, jnp, np, gmm, backend):
     from moe_jax.moe import MoEConfig, MoELayer
 
     xl = jax.random.normal(kx, (4, 256, 128), jnp.float32).astype(jnp.bfloat16)
-    outs = []
-    resolve = gmm.resolve_backend
-    if backend == "xla":  # dry run off a GPU: the layer's 'gmm' runs the 'xla' kernels
-        gmm.resolve_backend = lambda backend="auto": "xla"
-    for impl in ("gmm", "blocks"):
+    def run_layer(impl):
         cfg = MoEConfig(num_experts=8, k=2, router="top_k", expert_hidden=256, dispatcher="dropless",
                         dropless_impl=impl, jitter_eps=0.0)
         layer = MoELayer(cfg, dtype=jnp.bfloat16)
@@ -107,9 +110,16 @@ def check(jax, jnp, np, gmm, backend):
             y, stats = layer.apply({"params": p}, x, train=True, rngs={"router": kw})
             return jnp.sum(y.astype(jnp.float32) * y.astype(jnp.float32)) + stats.aux_loss, y
         (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, xl)
-        outs.append([np.asarray(a, np.float32) for a in [y] + jax.tree.leaves(grads)])
-    gmm.resolve_backend = resolve
-    errs = [float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)) for a, b in zip(*outs)]
+        return [np.asarray(a, np.float32) for a in [y] + jax.tree.leaves(grads)]
+
+    resolve = gmm.resolve_backend
+    if backend == "xla":  # dry run off a GPU: the layer's 'gmm' runs the 'xla' kernels
+        gmm.resolve_backend = lambda backend="auto": "xla"
+    try:
+        outs = [run_layer("gmm"), run_layer("blocks")]
+    finally:
+        gmm.resolve_backend = resolve
+    errs = [rel_err(a, b) for a, b in zip(*outs)]
     layer_ok = all(err <= 3e-2 for err in errs)  # False for NaN too
     print(f"check MoELayer dropless gmm vs blocks, rel. errors of y and {len(errs) - 1} gradients: "
           f"{', '.join(f'{err:.1e}' for err in errs)}: {'PASS' if layer_ok else 'FAIL'}", flush=True)

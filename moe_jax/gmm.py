@@ -160,10 +160,11 @@ def _dw_kernel(backend: str, x: Array, dy: Array, gs: Array) -> Array:
         dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((0,), (0,)), ((), ())),
                                                  lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
         dw = jax.lax.ragged_dot_general(x, dy, gs, dims)
-        # The Mosaic kernel masks a block's rows past its group by multiplying them by 0, so a NaN there
-        # (e.g. an unwritten forward row) spoils the gradient. Reproduce that: 0 * (rows past the groups).
+        # The Mosaic kernel masks a block's rows past its group by multiplying them by 0, so a NaN or inf
+        # there (e.g. an unwritten forward row) spoils the gradient. Reproduce that (for the whole last
+        # group; one scalar, not a GEMM): 0 * (sum of x past the groups) * (sum of dy past the groups).
         outside = (jnp.arange(x.shape[0]) >= jnp.sum(gs))[:, None]
-        spoil = jnp.where(outside, x, 0).T @ jnp.where(outside, dy, 0)
+        spoil = jnp.sum(jnp.where(outside, x, 0)) * jnp.sum(jnp.where(outside, dy, 0))
         return dw.at[-1].add(0 * spoil)
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 

@@ -109,10 +109,11 @@ def test_bench_gmm_dry_run_off_a_gpu(tmp_path, capsys):
     """experiments/bench_gmm.py end to end with the 'xla' kernels (what it runs on a Hopper GPU with
     'mosaic'): the check passes, every tiling of the sweep runs, the best tilings land in the JSON."""
     import json
+    import os
     import runpy
     import sys
 
-    root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, root)
     try:
         bench = runpy.run_path(f"{root}/experiments/bench_gmm.py")
