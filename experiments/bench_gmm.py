@@ -1,6 +1,7 @@
 """Check and time the grouped-matmul kernels of ``moe_jax.gmm`` on a Hopper GPU (the dropless 'gmm' path).
 
     python experiments/bench_gmm.py                              # check, then sweep tilings at T*K = 16384 rows
+    python experiments/bench_gmm.py --tokens 65536 --d-model 1024 --hidden 4096   # the layer bar's shape
     python experiments/bench_gmm.py --experts 8,64 --json /tmp/gmm_tiling.json   # also write the best tilings
     python experiments/bench_layer.py --dtype bfloat16 --dispatchers gmm --gmm-tiling /tmp/gmm_tiling.json
 
@@ -14,7 +15,11 @@
    gradient ``x[rows]ᵀ · dy[rows]``, each for a few tilings, against one dense ``[M, D] · [D, F]`` matmul of
    the same FLOPs (cuBLAS through XLA). Time per call: the median over 5 rounds of 20 back-to-back calls
    (wall clock, one sync per round). The best tiling (forward + input gradient together, weight gradient
-   alone) of the largest E goes to ``--json``.
+   alone) of the largest E goes to ``--json`` as ``fwd`` and ``dw``, with the best of each forward kernel as
+   ``fwd_jax`` and ``fwd_ws`` (for ``bench_layer.py``'s rows ``gmm_jax`` and ``gmm_ws``).
+
+The forward and input-gradient GEMMs have two kernels (``gmm.Tiling.kernel``): ``'jax'``, JAX's
+``ragged_dot_mgpu``, and ``'ws'``, ``moe_jax.gmm_mgpu`` (warp-specialized). The check runs both.
 """
 import argparse
 import dataclasses
@@ -27,10 +32,12 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-FWD_SWEEP = [(64, 128, 64, 4, 1), (128, 128, 64, 4, 1), (128, 128, 64, 2, 1), (128, 128, 64, 4, 4),
-             (128, 64, 64, 4, 1), (128, 256, 64, 3, 1)]
-DW_SWEEP = [(64, 128, 64, 4, 1), (128, 128, 64, 4, 1), (128, 128, 128, 2, 1), (128, 128, 64, 2, 1),
-            (64, 256, 64, 4, 1), (128, 128, 64, 4, 4)]
+# (block_m, block_n, block_k, max_concurrent_steps, grid_block_n, kernel): 'jax' = JAX's ragged_dot_mgpu, 'ws' =
+# moe_jax.gmm_mgpu (warp-specialized, a CTA computes block_m x 2*block_n)
+FWD_SWEEP = [(128, 128, 64, 4, 4, "jax"), (128, 64, 64, 4, 4, "jax"), (64, 128, 64, 4, 1, "jax"),
+             (128, 128, 64, 3, 4, "ws"), (128, 128, 64, 2, 4, "ws"), (128, 128, 64, 3, 1, "ws"),
+             (128, 128, 64, 3, 8, "ws"), (128, 64, 64, 4, 4, "ws"), (64, 128, 64, 4, 4, "ws")]
+DW_SWEEP = [(64, 256, 64, 4, 1), (128, 128, 64, 4, 1), (64, 128, 64, 4, 1), (128, 128, 64, 4, 4)]
 
 
 def parse_args(argv=None):
@@ -41,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=1024, help="F")
     p.add_argument("--experts", default="8,64", help="comma-separated E values")
     p.add_argument("--check-only", action="store_true")
+    p.add_argument("--kernels", default="jax,ws",
+                   help="forward kernels to check and sweep: 'jax' (ragged_dot_mgpu), 'ws' (moe_jax.gmm_mgpu)")
     p.add_argument("--json", default=None, help="write the best tilings here (for bench_layer --gmm-tiling)")
     p.add_argument("--backend", default="mosaic", choices=["mosaic", "xla"],
                    help="'xla': dry-run this script off a GPU (the check then compares xla with itself)")
@@ -70,7 +79,7 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def check(jax, jnp, np, gmm, backend):
+def check(jax, jnp, np, gmm, backend, kernels=("jax", "ws")):
     m, d, f, g = 1000, 128, 256, 8
     kx, kw, kr, ks = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(kx, (m, d), jnp.float32).astype(jnp.bfloat16)
@@ -90,10 +99,23 @@ def check(jax, jnp, np, gmm, backend):
         return [np.asarray(a, np.float32) for a in (y, dx, dw)]
 
     ok = True
-    for name, a, b in zip(("y", "dx", "dw"), run(backend), run("xla")):
-        err = rel_err(a, b)
-        ok &= bool(err <= 2e-2)  # False for NaN too
-        print(f"check {name:2s} {a.shape}: max |{backend} - xla| / max |xla| = {err:.2e}", flush=True)
+    reference = run("xla")
+    fwds = [t for t in (gmm.DEFAULT_TILING["fwd"], gmm.WS_TILING) if t.kernel in kernels]
+    for fwd in fwds:  # both forward kernels ('jax' and 'ws')
+        gmm.set_tiling(fwd=fwd)
+        try:
+            outs = run(backend)
+        except Exception as err:  # noqa: BLE001  (report which kernel failed, then fail the check)
+            print(f"check fwd kernel {fwd.kernel!r}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            ok = False
+            continue
+        finally:
+            gmm.set_tiling(**gmm.DEFAULT_TILING)
+        for name, a, b in zip(("y", "dx", "dw"), outs, reference):
+            err = rel_err(a, b)
+            ok &= bool(err <= 2e-2)  # False for NaN too
+            print(f"check fwd kernel {fwd.kernel!r} {name:2s} {a.shape}: max |{backend} - xla| / max |xla| = "
+                  f"{err:.2e}", flush=True)
     print(f"check group sizes {sizes.tolist()}: {'PASS' if ok else 'FAIL'}", flush=True)
 
     # the whole layer: MoELayer dropless 'gmm' against dropless 'blocks' (same params), output and gradients
@@ -115,14 +137,21 @@ def check(jax, jnp, np, gmm, backend):
     resolve = gmm.resolve_backend
     if backend == "xla":  # dry run off a GPU: the layer's 'gmm' runs the 'xla' kernels
         gmm.resolve_backend = lambda backend="auto": "xla"
+    layer_ok = True
     try:
-        outs = [run_layer("gmm"), run_layer("blocks")]
+        ref = run_layer("blocks")
+        for fwd in fwds:
+            gmm.set_tiling(fwd=fwd)
+            errs = [rel_err(a, b) for a, b in zip(run_layer("gmm"), ref)]
+            gmm.set_tiling(**gmm.DEFAULT_TILING)
+            this_ok = all(err <= 3e-2 for err in errs)  # False for NaN too
+            layer_ok &= this_ok
+            print(f"check MoELayer dropless gmm (fwd kernel {fwd.kernel!r}) vs blocks, rel. errors of y and "
+                  f"{len(errs) - 1} gradients: {', '.join(f'{err:.1e}' for err in errs)}: "
+                  f"{'PASS' if this_ok else 'FAIL'}", flush=True)
     finally:
         gmm.resolve_backend = resolve
-    errs = [rel_err(a, b) for a, b in zip(*outs)]
-    layer_ok = all(err <= 3e-2 for err in errs)  # False for NaN too
-    print(f"check MoELayer dropless gmm vs blocks, rel. errors of y and {len(errs) - 1} gradients: "
-          f"{', '.join(f'{err:.1e}' for err in errs)}: {'PASS' if layer_ok else 'FAIL'}", flush=True)
+        gmm.set_tiling(**gmm.DEFAULT_TILING)
     return ok and layer_ok
 
 
@@ -141,7 +170,10 @@ def main(argv=None):
     reason = gmm.mosaic_unavailable_reason()
     if reason and backend == "mosaic":
         raise SystemExit(f"bench_gmm needs the Mosaic GPU kernels: {reason} (--backend xla dry-runs it)")
-    if not check(jax, jnp, np, gmm, backend):
+    kernels = tuple(args.kernels.split(","))
+    if not set(kernels) <= set(gmm.KERNELS):
+        raise SystemExit(f"--kernels: choose from {','.join(gmm.KERNELS)}, got {args.kernels!r}")
+    if not check(jax, jnp, np, gmm, backend, kernels):
         raise SystemExit(1)
     if args.check_only:
         return
@@ -149,7 +181,7 @@ def main(argv=None):
     m = t * k
     flops = 2 * m * d * f
     best = {}
-    print("\n| E | GEMM | tiling (bm, bn, bk, steps, gbn) | ms | TFLOP/s | vs dense matmul |\n"
+    print("\n| E | GEMM | tiling (bm, bn, bk, steps, gbn, kernel) | ms | TFLOP/s | vs dense matmul |\n"
           "|---:|---|---|---:|---:|---:|")
     for e in [int(v) for v in args.experts.split(",")]:
         kx, kw, kr, ks = jax.random.split(jax.random.key(e), 4)
@@ -161,7 +193,8 @@ def main(argv=None):
         print(f"| {e} | dense [{m},{d}]·[{d},{f}] | | {dense * 1e3:.3f} | {flops / dense / 1e12:.0f} | 100% |",
               flush=True)
         results = {"fwd": [], "dw": []}
-        for kind, sweep in (("fwd", FWD_SWEEP), ("dw", DW_SWEEP)):
+        fwd_sweep = [tup for tup in FWD_SWEEP if tup[5] in kernels]
+        for kind, sweep in (("fwd", fwd_sweep), ("dw", DW_SWEEP)):
             for tup in sweep:
                 tiling = gmm.Tiling(*tup)
                 gmm.set_tiling(**{kind: tiling})
@@ -183,7 +216,9 @@ def main(argv=None):
                           f"{100 * dense / s:.0f}% |", flush=True)
                 results[kind].append((total, tiling))
         gmm.set_tiling(**gmm.DEFAULT_TILING)
-        for kind in results:
+        results["fwd_jax"] = [r for r in results["fwd"] if r[1].kernel == "jax"]
+        results["fwd_ws"] = [r for r in results["fwd"] if r[1].kernel == "ws"]
+        for kind in results:  # 'fwd': the best of both kernels; 'fwd_jax', 'fwd_ws': the best of each
             ok = [r for r in results[kind] if np.isfinite(r[0])]
             if ok:
                 best[kind] = dataclasses.asdict(min(ok, key=lambda r: r[0])[1])

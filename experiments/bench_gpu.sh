@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU part of the speed benchmarks, in one go (docs/perf.md, "GPU"): run from the repository root on a
 # machine with a Hopper GPU and jax[cuda]. Logs and JSON go to $OUT (default /tmp/moe_jax_gpu).
-#   1. bench_gmm.py: check the Mosaic grouped-matmul kernels and MoELayer dropless 'gmm' against references,
-#      sweep their tilings, keep the best;
+#   1. bench_gmm.py: check the Mosaic grouped-matmul kernels (both forward kernels, 'jax' and 'ws') and
+#      MoELayer dropless 'gmm' against references, sweep their tilings at the large shape, keep the best;
 #   2. bench_layer.py, large shape (T=65536, D=1024, F=4096), K=2: the "dropless at >= 80% of one dense matmul"
-#      bar;
-#   3. bench_layer.py, the CPU table's shape (T=8192, D=512, F=1024), every E, K=2 and 1;
-#   4. bench_model.py: train-step tokens/s of a small LM, dense against MoE.
+#      bar, with each row's device time split by kernel (--profile);
+#   3. bench_model.py: train-step tokens/s of a small LM, dense against MoE;
+#   4. bench_layer.py, the CPU table's shape (T=8192, D=512, F=1024), every E, K=2 and 1.
 # Each step has its own time limit, so that one slow step cannot starve the rest.
 set -u
 OUT=${OUT:-/tmp/moe_jax_gpu}
@@ -16,7 +16,7 @@ PY=${PY:-python3}
 { date -u; nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
   $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/env.txt"
-STEPS=${STEPS:-gmm layer_large layer_small model}  # a subset reruns only those steps
+STEPS=${STEPS:-check_ws gmm layer_large model layer_small}  # a subset reruns only those steps
 step() {  # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
   [[ " $STEPS " == *" $name "* ]] || return 0
@@ -25,15 +25,23 @@ step() {  # step NAME SECONDS CMD...
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
   echo "== $name: rc ${PIPESTATUS[0]}, ${SECONDS}-${t0} = $((SECONDS - t0))s"
 }
-step gmm 100 $PY experiments/bench_gmm.py --experts 8,64 --json "$OUT/gmm_tiling.json"
+# the warp-specialized forward kernel first, alone and briefly: if it fails (or hangs), the steps below leave it out
+KERNELS=jax; GMM_ROWS=gmm_jax
+step check_ws 75 $PY experiments/bench_gmm.py --check-only --kernels ws
+[ -s "$OUT/check_ws.txt" ] && grep -q "PASS" "$OUT/check_ws.txt" && ! grep -q "FAIL" "$OUT/check_ws.txt" \
+  && KERNELS=jax,ws GMM_ROWS=gmm_jax,gmm_ws
+echo "== forward kernels: $KERNELS"
+# the kernels at the layer bar's shape (M = 65536 * 2 rows, D = 1024, F = 4096)
+step gmm 200 $PY experiments/bench_gmm.py --tokens 65536 --d-model 1024 --hidden 4096 --experts 8,64 \
+  --kernels "$KERNELS" --json "$OUT/gmm_tiling.json"
 TILING=()
 [ -s "$OUT/gmm_tiling.json" ] && TILING=(--gmm-tiling "$OUT/gmm_tiling.json")
-step layer_large 110 $PY experiments/bench_layer.py --no-pin --dtype bfloat16 --matmul --tokens 65536 \
-  --seq-len 2048 --d-model 1024 --hidden 4096 --experts 8,64 --k 2 --dispatchers scatter,gmm,blocks \
-  --repeats 10 --warmup 2 "${TILING[@]}"
+step layer_large 170 $PY experiments/bench_layer.py --no-pin --dtype bfloat16 --matmul --tokens 65536 \
+  --seq-len 2048 --d-model 1024 --hidden 4096 --experts 8,64 --k 2 --dispatchers scatter,$GMM_ROWS \
+  --repeats 10 --warmup 2 --json "$OUT/layer_large.json" --profile "$OUT/prof" "${TILING[@]}"
+step model 120 $PY experiments/bench_model.py --no-pin --dtype bfloat16 --batch 32 --seq-len 512 --d-model 512 \
+  --heads 8 --hidden 1024 --experts 8 --k 2 --moe-every 1 --dispatchers auto,dropless:gmm \
+  --repeats 5 --steps 5 "${TILING[@]}"
 step layer_small 200 $PY experiments/bench_layer.py --no-pin --dtype bfloat16 --matmul --experts 8,16,32,64 \
-  --k 2,1 --dispatchers scatter,gmm,blocks,einsum --repeats 10 --warmup 2 --json "$OUT/layer_small.json" \
+  --k 2,1 --dispatchers scatter,$GMM_ROWS,einsum --repeats 10 --warmup 2 --json "$OUT/layer_small.json" \
   "${TILING[@]}"
-step model 90 $PY experiments/bench_model.py --no-pin --dtype bfloat16 --batch 32 --seq-len 512 --d-model 512 \
-  --heads 8 --hidden 1024 --experts 8 --k 2 --moe-every 1 --dispatchers auto,dropless:blocks,dropless:gmm \
-  --repeats 5 --steps 5

@@ -28,6 +28,9 @@ Rows (``--dispatchers``):
 * ``gmm``: dropless on rows sorted by expert through ragged GEMM kernels forward and backward
   (``dropless_impl='gmm'``, ``moe_jax.gmm``: JAX's Pallas Mosaic GPU kernels; Hopper GPUs, bfloat16).
   ``--gmm-tiling FILE`` sets their tiles from the JSON that ``experiments/bench_gmm.py --json`` writes.
+  ``gmm_jax`` / ``gmm_ws``: the same with the forward and input-gradient GEMMs forced to JAX's
+  ``ragged_dot_mgpu`` / to the warp-specialized ``moe_jax.gmm_mgpu`` (tiles: the JSON's ``fwd_jax`` /
+  ``fwd_ws`` if given, else ``gmm.DEFAULT_TILING`` / ``gmm.WS_TILING``).
 
 Default rows: ``einsum, scatter, scatter_full, dropless`` on CPU; ``einsum, einsum_seq, scatter, grouped,
 ragged_dot, blocks, gmm`` on a GPU/TPU. With ``--matmul`` the table also gives each row's speed as a fraction
@@ -59,7 +62,7 @@ if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(0, _ROOT)
 
 DISPATCHERS = ("einsum", "einsum_seq", "scatter", "scatter_full", "dropless", "grouped", "ragged_dot", "blocks",
-               "gmm")
+               "gmm", "gmm_jax", "gmm_ws")
 CPU_DEFAULT = ("einsum", "scatter", "scatter_full", "dropless")
 ACCEL_DEFAULT = ("einsum", "einsum_seq", "scatter", "grouped", "ragged_dot", "blocks", "gmm")
 
@@ -100,6 +103,10 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     p.add_argument("--gmm-tiling", default=None,
                    help="JSON file of the 'gmm' kernels' tiles, {'fwd': {...}, 'dw': {...}} (bench_gmm.py --json)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, trace 3 calls of every row with jax.profiler into DIR/<row>/ and print the "
+                        "device time per call by kernel (GPU) or by XLA op (CPU), grouped: ragged GEMM kernels, "
+                        "other GEMMs, sorts, the rest")
     p.add_argument("--no-pin", action="store_true", help="do not set single-thread XLA CPU flags")
     p.add_argument("--host-malloc", default=None, choices=["keep", "default"],
                    help="'keep' (default): glibc keeps freed memory for the next call (moe_jax.hostmem); "
@@ -129,12 +136,16 @@ def main(argv=None):
 
     backend = jax.default_backend()
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    from moe_jax import gmm
+    fwd_tiling = {"gmm_jax": gmm.DEFAULT_TILING["fwd"], "gmm_ws": gmm.WS_TILING}  # rows gmm_jax, gmm_ws
     if args.gmm_tiling:
-        from moe_jax import gmm
         with open(args.gmm_tiling) as fh:
             tiles = json.load(fh)
         gmm.set_tiling(**{kind: gmm.Tiling(**tiles[kind]) for kind in ("fwd", "dw") if kind in tiles})
-        print(f"# gmm tiling from {args.gmm_tiling}: {gmm._TILING}", flush=True)
+        for name in fwd_tiling:
+            if "fwd_" + name[4:] in tiles:
+                fwd_tiling[name] = gmm.Tiling(**tiles["fwd_" + name[4:]])
+        print(f"# gmm tiling from {args.gmm_tiling}: {gmm._TILING}; rows gmm_jax/gmm_ws: {fwd_tiling}", flush=True)
     if args.gemm_calls:
         return gemm_calls(args, dtype)
     if args.probes:
@@ -171,7 +182,7 @@ def main(argv=None):
         elif name == "dropless":
             kw.update(dispatcher="dropless", dropless_impl="auto")
         else:
-            kw.update(dispatcher="dropless", dropless_impl=name)
+            kw.update(dispatcher="dropless", dropless_impl="gmm" if name.startswith("gmm") else name)
         return MoEConfig(**kw)
 
     def build_moe(cfg):
@@ -254,6 +265,15 @@ def main(argv=None):
                 try:
                     fn, params, drop_fn = build_moe(cfg)
                     drop = float(drop_fn(params, x))
+                    if name in fwd_tiling:  # the tiling is read when tracing: compile under it now
+                        old = gmm.set_tiling(fwd=fwd_tiling[name])
+                        try:
+                            t0 = time.perf_counter()
+                            fn = fn.lower(params, x).compile()
+                            print(f"  compiled {name:10s} E={e} K={k} ({fwd_tiling[name]}): "
+                                  f"{time.perf_counter() - t0:.1f}s", flush=True)
+                        finally:
+                            gmm.set_tiling(**old)
                 except Exception as err:  # noqa: BLE001  (report and go on)
                     print(f"skip {name} E={e} K={k}: {type(err).__name__}: {err}", flush=True)
                     continue
@@ -263,7 +283,8 @@ def main(argv=None):
         info = {}
         for i, (label, e, fn, fargs, drop) in enumerate(fns):
             t0 = time.perf_counter()
-            fn = fn.lower(*fargs).compile()  # compiled once: timed below and asked for its memory
+            if hasattr(fn, "lower"):  # a jitted function; gmm_jax/gmm_ws rows come compiled
+                fn = fn.lower(*fargs).compile()  # compiled once: timed below and asked for its memory
             fns[i] = (label, e, fn, fargs, drop)
             block(fn(*fargs))
             compile_s = time.perf_counter() - t0
@@ -278,6 +299,9 @@ def main(argv=None):
                 block(fn(*fargs))
                 times[i].append(time.perf_counter() - t0)
                 cpu_times[i].append(time.process_time() - c0)
+        if args.profile:
+            for label, e, fn, fargs, _ in fns:
+                profile_row(jax, os.path.join(args.profile, f"K{k}_E{e}_{label}"), fn, fargs, block)
         dense_t, dense_c = np.asarray(times[0]), np.asarray(cpu_times[0])
         for i, (label, e, fn, fargs, drop) in enumerate(fns):
             ts, cs = np.asarray(times[i]), np.asarray(cpu_times[i])
@@ -298,6 +322,65 @@ def main(argv=None):
         with open(args.json, "w") as fh:
             json.dump(dict(args=vars(args), machine=machine, jax=jax.__version__, rows=rows), fh, indent=1)
     return rows
+
+
+def kernel_group(name: str) -> str:
+    """The group of a device kernel (or XLA op) name in a profile."""
+    low = name.lower()
+    if "mosaic" in low or "ragged" in low or "pallas" in low:
+        return "ragged GEMM kernels (Mosaic)"
+    if any(s in low for s in ("gemm", "xmma", "cutlass", "nvjet", "cublas", "dot", "matmul", "sm90_", "ynn")):
+        return "other GEMMs (cuBLAS / XLA dots)"
+    if "sort" in low or "cub::" in low or "radix" in low:
+        return "sorts"
+    return "the rest (fusions, gathers, copies, reductions)"
+
+
+def profile_row(jax, path, fn, fargs, block, calls=3):
+    """Trace ``calls`` calls of ``fn`` into ``path`` and print the device time per call: the 12 largest kernels
+    and the totals per ``kernel_group``. GPU: the kernels on the device plane's stream lines; CPU (a dry run):
+    the XLA ops on the host plane's XLA threads."""
+    import glob
+    from collections import defaultdict
+
+    from jax.profiler import ProfileData
+
+    block(fn(*fargs))
+    with jax.profiler.trace(path):
+        for _ in range(calls):
+            block(fn(*fargs))
+    files = sorted(glob.glob(os.path.join(path, "**", "*.xplane.pb"), recursive=True))
+    if not files:
+        print(f"## profile {path}: no trace written", flush=True)
+        return None
+    data = ProfileData.from_file(files[-1])
+    per_name = defaultdict(float)
+    counts = defaultdict(int)
+    device_planes = [p for p in data.planes if p.name.startswith("/device:GPU")]
+    for plane in device_planes or [p for p in data.planes if p.name.startswith("/host:CPU")]:
+        for line in plane.lines:
+            if device_planes and "stream" not in line.name.lower():
+                continue
+            if not device_planes and "xla" not in line.name.lower():
+                continue
+            for ev in line.events:
+                if ev.duration_ns > 0 and not ev.name.startswith(("ThreadpoolListener", "end: ", "ThunkExecutor")):
+                    per_name[ev.name] += ev.duration_ns / 1e6 / calls
+                    counts[ev.name] += 1
+    total = sum(per_name.values())
+    groups = defaultdict(float)
+    for name, ms in per_name.items():
+        groups[kernel_group(name)] += ms
+    print(f"\n## profile {os.path.basename(path)}: device time {total:.3f} ms per call "
+          f"({'GPU streams' if device_planes else 'CPU XLA ops'}; trace: {files[-1]})", flush=True)
+    print("| group | ms per call | share |\n|---|---:|---:|")
+    for name, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
+        print(f"| {name} | {ms:.3f} | {100 * ms / max(total, 1e-12):.0f}% |")
+    print("| kernel | calls per call | ms per call | share |\n|---|---:|---:|---:|")
+    for name, ms in sorted(per_name.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"| `{name[:90]}` | {counts[name] / calls:.0f} | {ms:.3f} | {100 * ms / max(total, 1e-12):.0f}% |",
+              flush=True)
+    return dict(total_ms=total, groups=dict(groups))
 
 
 def gemm_calls(args, dtype):

@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="train steps per timed call")
     p.add_argument("--quick", action="store_true", help="smoke run: V=256, D=64, 2 blocks, L=64, B=8")
+    p.add_argument("--gmm-tiling", default=None,
+                   help="JSON of the 'gmm' kernels' tiles ({'fwd': ..., 'dw': ...}, bench_gmm.py --json)")
     p.add_argument("--no-pin", action="store_true", help="do not set single-thread XLA CPU flags")
     p.add_argument("--host-malloc", default=None, choices=["keep", "default"],
                    help="'keep' (default): glibc keeps freed memory for the next call (moe_jax.hostmem); "
@@ -77,6 +79,14 @@ def main(argv=None):
     from moe_jax.moe import MoEConfig
 
     backend = jax.default_backend()
+    if args.gmm_tiling:
+        import json
+
+        from moe_jax import gmm
+        with open(args.gmm_tiling) as fh:
+            tiles = json.load(fh)
+        gmm.set_tiling(**{kind: gmm.Tiling(**tiles[kind]) for kind in ("fwd", "dw") if kind in tiles})
+        print(f"# gmm tiling from {args.gmm_tiling}: {gmm._TILING}", flush=True)
     train_cfg = ml_collections.ConfigDict(dict(learning_rate=1e-3, steps=1000, warmup_steps=10, end_lr_ratio=0.1,
                                                grad_clip=1.0, weight_decay=0.1))
     common = dict(vocab_size=args.vocab, d_model=args.d_model, num_layers=args.layers, num_heads=args.heads,

@@ -45,20 +45,29 @@ import numpy as np
 Array = jax.Array
 
 BACKENDS = ("mosaic", "xla")
+KERNELS = ("jax", "ws")  # Tiling.kernel
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
     """Tile sizes of one Mosaic GPU kernel. ``block_m``: output rows per tile (forward: token rows;
-    ``dw``: rows of ``w``, i.e. ``D``); ``block_n``: output columns per tile; ``block_k``: the contraction's
-    step (``dw``: token rows per step); ``max_concurrent_steps``: TMA pipeline depth; ``grid_block_n``:
-    output tiles per column band of the tile order (L2 reuse)."""
+    ``dw``: rows of ``w``, i.e. ``D``); ``block_n``: output columns per tile (``kernel='ws'``: per compute
+    warpgroup, a CTA computes ``2 * block_n`` columns); ``block_k``: the contraction's step (``dw``: token rows
+    per step); ``max_concurrent_steps``: TMA pipeline depth; ``grid_block_n``: output tiles per column band
+    of the tile order (L2 reuse); ``kernel``: ``'jax'`` (JAX's ``ragged_dot_mgpu`` /
+    ``transposed_ragged_dot_mgpu``) or, for the forward kernel only, ``'ws'`` (``moe_jax.gmm_mgpu``: one
+    TMA warpgroup feeding two MMA warpgroups)."""
 
     block_m: int = 128
     block_n: int = 128
     block_k: int = 64
     max_concurrent_steps: int = 4
     grid_block_n: int = 1
+    kernel: str = "jax"
+
+    def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"gmm.Tiling.kernel must be one of {KERNELS}, got {self.kernel!r}.")
 
     def fit(self, **dims: int) -> "Tiling":
         """This tiling with each named block (``block_m=D`` etc.) lowered, if it does not divide its
@@ -82,12 +91,18 @@ class Tiling:
 # The best of experiments/bench_gmm.py's sweep on an H200 (jax 0.11.2; T*K = 16384 rows, D=512, F=1024, E=8 and
 # E=64 alike; docs/perf.md): forward/dx 128x128 tiles in bands of 4 column tiles, dw 64x256 tiles.
 DEFAULT_TILING = {"fwd": Tiling(128, 128, 64, 4, 4), "dw": Tiling(64, 256, 64, 4, 1)}
+# The warp-specialized forward kernel (moe_jax.gmm_mgpu): 128 x (2 x 128) CTA tiles; 3 pipeline steps is the
+# most that fits in shared memory with the epilogue's buffer at block_k = 64.
+WS_TILING = Tiling(128, 128, 64, 3, 4, "ws")
 _TILING: Dict[str, Tiling] = dict(DEFAULT_TILING)
 
 
 def set_tiling(fwd: Optional[Tiling] = None, dw: Optional[Tiling] = None) -> Dict[str, Tiling]:
     """Set the Mosaic kernels' tiling (``fwd``: forward and ``dx``; ``dw``: weight gradient). Returns the
     previous setting. Read when a function is traced: re-jit after changing it."""
+    if dw is not None and dw.kernel != "jax":
+        raise ValueError(f"gmm.set_tiling: the weight-gradient kernel is JAX's transposed_ragged_dot_mgpu only; "
+                         f"got dw=Tiling(kernel={dw.kernel!r}). Use kernel='jax' for dw.")
     old = dict(_TILING)
     if fwd is not None:
         _TILING["fwd"] = fwd
@@ -134,7 +149,7 @@ def cover_all_rows(group_sizes: Array, num_rows: int) -> Array:
 
 def _kwargs(fn, tiling: Tiling) -> dict:
     accepted = inspect.signature(fn).parameters
-    return {k: v for k, v in dataclasses.asdict(tiling).items() if k in accepted}
+    return {k: v for k, v in dataclasses.asdict(tiling).items() if k in accepted and k != "kernel"}
 
 
 def _fwd_kernel(backend: str, x: Array, w: Array, gs: Array, transpose_rhs: bool) -> Array:
@@ -145,11 +160,19 @@ def _fwd_kernel(backend: str, x: Array, w: Array, gs: Array, transpose_rhs: bool
         # reads them fails its tests on CPU too (see the module docstring)
         outside = jnp.arange(x.shape[0]) >= jnp.sum(gs)
         return jnp.where(outside[:, None], jnp.asarray(jnp.nan, y.dtype), y)
-    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-
     k = x.shape[1]
     n = w.shape[1] if transpose_rhs else w.shape[2]
-    tiling = _TILING["fwd"].fit(block_k=k, block_n=n)
+    tiling = _TILING["fwd"]
+    if tiling.kernel == "ws" and n % 128 == 0:  # a CTA covers 2 * block_n columns
+        from moe_jax import gmm_mgpu
+
+        tiling = tiling.fit(block_k=k, block_n=n // 2)
+        return gmm_mgpu.ragged_matmul(x, w, gs, tile_m=tiling.block_m, tile_n=tiling.block_n,
+                                      tile_k=tiling.block_k, max_concurrent_steps=tiling.max_concurrent_steps,
+                                      grid_tile_width=tiling.grid_block_n, transpose_rhs=transpose_rhs)
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    tiling = dataclasses.replace(tiling, kernel="jax").fit(block_k=k, block_n=n)
     return ragged_dot_mgpu.ragged_dot(x, w, group_sizes=gs, transpose_rhs=transpose_rhs,
                                       **_kwargs(ragged_dot_mgpu.ragged_dot, tiling))
 

@@ -62,6 +62,49 @@ def test_tiling_fits_each_block_to_its_dimension():
         t.fit(block_m=96)
 
 
+def test_tiling_kernel_field_is_checked():
+    assert gmm.WS_TILING.kernel == "ws" and gmm.DEFAULT_TILING["fwd"].kernel == "jax"
+    with pytest.raises(ValueError, match="Tiling.kernel must be one of"):
+        gmm.Tiling(kernel="cutlass")
+    with pytest.raises(ValueError, match="weight-gradient kernel.*kernel='jax'"):
+        gmm.set_tiling(dw=gmm.WS_TILING)
+    assert gmm._TILING == gmm.DEFAULT_TILING
+
+
+def _gpu_interpreter(**kw):
+    try:  # a private module of jax (0.10): Mosaic GPU kernels run on CPU, shared memory and threads simulated
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError:
+        pytest.skip("this jax has no Pallas Mosaic GPU interpret mode")
+    return InterpretGPUParams(**kw)
+
+
+def test_warp_specialized_kernel_in_the_gpu_interpreter():
+    """moe_jax.gmm_mgpu.ragged_matmul (the 'ws' forward kernel) run by JAX's GPU interpreter on CPU: TMA
+    loads, the producer and the two MMA warpgroups, the ragged tiles and the ladder of masked stores. Groups:
+    70 rows, an empty group, 100 rows, 1 row, 64 rows = 235 of M = 300 rows; with 64-row tiles the 1-row
+    group and the empty one sit inside tiles that other groups share. Each group's rows must equal x · w[g];
+    the 65 rows past the groups must stay unwritten (the interpreter's fresh memory is NaN). TMA reads past
+    row 300 return the interpreter's NaN fill too; they only reach rows that are never stored."""
+    from moe_jax import gmm_mgpu
+
+    interp = _gpu_interpreter(out_of_bounds_reads="uninitialized")
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (300, 128), jnp.float32).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, (5, 128, 256), jnp.float32).astype(jnp.bfloat16)
+    sizes = np.array([70, 0, 100, 1, 64], np.int32)
+    y = gmm_mgpu.ragged_matmul(x, w, jnp.asarray(sizes), tile_m=64, tile_n=64, max_concurrent_steps=2,
+                               grid_tile_width=2, interpret=interp, num_sms=3)
+    y = np.asarray(y, np.float32)
+    xf, wf = np.asarray(x, np.float32), np.asarray(w, np.float32)
+    ends = np.cumsum(sizes)
+    for g, (lo, hi) in enumerate(zip(ends - sizes, ends)):
+        np.testing.assert_allclose(y[lo:hi], xf[lo:hi] @ wf[g], rtol=2e-2, atol=0.3)
+    assert np.isnan(y[235:]).all()
+    with pytest.raises(ValueError, match=r"N=192 a multiple of 2\*tile_n=128"):
+        gmm_mgpu.ragged_matmul(x, w[:, :, :192], jnp.asarray(sizes), tile_n=64, interpret=interp)
+
+
 def test_errors_name_the_field_and_the_fix():
     x = jnp.zeros((4, 8))
     w = jnp.zeros((2, 8, 16))
@@ -123,11 +166,14 @@ def test_bench_gmm_dry_run_off_a_gpu(tmp_path, capsys):
     bench["main"](["--backend", "xla", "--tokens", "64", "--k", "1", "--d-model", "64", "--hidden", "128",
                    "--experts", "4", "--json", str(out)])
     text = capsys.readouterr().out
-    assert text.count("PASS") == 2 and "FAIL" not in text and "failed" not in text
+    assert text.count("PASS") == 3 and "FAIL" not in text and "failed" not in text  # kernels, 2 layer checks
+    assert text.count("check fwd kernel 'ws' ") == 3 and text.count("check fwd kernel 'jax' ") == 3
     assert text.count("| 4 | x·w[g] |") == len(bench["FWD_SWEEP"])
     assert text.count("| 4 | x[g]ᵀ·dy[g] |") == len(bench["DW_SWEEP"])
     best = json.loads(out.read_text())
-    assert set(best) == {"fwd", "dw"} and gmm.Tiling(**best["fwd"]) and gmm.Tiling(**best["dw"])
+    assert set(best) == {"fwd", "dw", "fwd_jax", "fwd_ws"}
+    assert gmm.Tiling(**best["fwd_ws"]).kernel == "ws" and gmm.Tiling(**best["fwd_jax"]).kernel == "jax"
+    assert gmm.Tiling(**best["fwd"]) and gmm.Tiling(**best["dw"]).kernel == "jax"
     assert gmm._TILING == gmm.DEFAULT_TILING  # the sweep put the defaults back
 
 
