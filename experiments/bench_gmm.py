@@ -100,7 +100,7 @@ def check(jax, jnp, np, gmm, backend, kernels=("jax", "ws")):
 
     ok = True
     reference = run("xla")
-    fwds = [t for t in (gmm.DEFAULT_TILING["fwd"], gmm.WS_TILING) if t.kernel in kernels]
+    fwds = [t for t in (gmm.JAX_FWD_TILING, gmm.WS_TILING) if t.kernel in kernels]
     for fwd in fwds:  # both forward kernels ('jax' and 'ws')
         gmm.set_tiling(fwd=fwd)
         try:

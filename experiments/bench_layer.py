@@ -84,6 +84,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (medians are reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per function after compiling")
+    p.add_argument("--calls", type=int, default=1,
+                   help="calls per timed sample, back to back with one sync at the end (time / calls). 1 (the "
+                        "default) syncs after every call; on a GPU, >1 lets the host enqueue the next call while "
+                        "the device runs, as a training loop does")
     p.add_argument("--quick", action="store_true", help="smoke run: T=1024, L=256, D=128, F=256, 2 repeats")
     p.add_argument("--matmul", action="store_true",
                    help="also time one dense matmul of the same FLOPs as each K's dense FFN (GPU roofline)")
@@ -137,7 +141,7 @@ def main(argv=None):
     backend = jax.default_backend()
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     from moe_jax import gmm
-    fwd_tiling = {"gmm_jax": gmm.DEFAULT_TILING["fwd"], "gmm_ws": gmm.WS_TILING}  # rows gmm_jax, gmm_ws
+    fwd_tiling = {"gmm_jax": gmm.JAX_FWD_TILING, "gmm_ws": gmm.WS_TILING}  # rows gmm_jax, gmm_ws
     if args.gmm_tiling:
         with open(args.gmm_tiling) as fh:
             tiles = json.load(fh)
@@ -240,7 +244,7 @@ def main(argv=None):
     dev = jax.devices()[0]
     machine = f"{backend}: {getattr(dev, 'device_kind', '')}, {platform.processor() or platform.machine()}"
     print(f"# bench_layer: T={t} L={l} D={d} F={f} dtype={args.dtype} cf={args.capacity_factor} "
-          f"repeats={args.repeats}; jax {jax.__version__}; {machine}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+          f"repeats={args.repeats} calls={args.calls}; jax {jax.__version__}; {machine}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
           f"affinity={sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}; "
           f"dispatch.default_dispatcher()={dispatch.default_dispatcher()!r}; host malloc: {host_malloc}", flush=True)
     rows = []
@@ -296,9 +300,12 @@ def main(argv=None):
         for rep in range(args.repeats):
             for i, (label, e, fn, fargs, _) in enumerate(fns):
                 t0, c0 = time.perf_counter(), time.process_time()
-                block(fn(*fargs))
-                times[i].append(time.perf_counter() - t0)
-                cpu_times[i].append(time.process_time() - c0)
+                for _ in range(args.calls):
+                    out = fn(*fargs)
+                block(out)
+                del out
+                times[i].append((time.perf_counter() - t0) / args.calls)
+                cpu_times[i].append((time.process_time() - c0) / args.calls)
         if args.profile:
             for label, e, fn, fargs, _ in fns:
                 profile_row(jax, os.path.join(args.profile, f"K{k}_E{e}_{label}"), fn, fargs, block)
@@ -356,6 +363,7 @@ def profile_row(jax, path, fn, fargs, block, calls=3):
     data = ProfileData.from_file(files[-1])
     per_name = defaultdict(float)
     counts = defaultdict(int)
+    spans = []  # (start, end) of every kernel, for the idle gaps between them
     device_planes = [p for p in data.planes if p.name.startswith("/device:GPU")]
     for plane in device_planes or [p for p in data.planes if p.name.startswith("/host:CPU")]:
         for line in plane.lines:
@@ -367,12 +375,24 @@ def profile_row(jax, path, fn, fargs, block, calls=3):
                 if ev.duration_ns > 0 and not ev.name.startswith(("ThreadpoolListener", "end: ", "ThunkExecutor")):
                     per_name[ev.name] += ev.duration_ns / 1e6 / calls
                     counts[ev.name] += 1
+                    spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
     total = sum(per_name.values())
     groups = defaultdict(float)
     for name, ms in per_name.items():
         groups[kernel_group(name)] += ms
+    # idle time between consecutive kernels, the gaps between the traced calls (over 1 ms: the host's sync
+    # and dispatch of the next call) left out
+    spans.sort()
+    gaps, reach = [], None
+    for start, end in spans:
+        if reach is not None and start > reach:
+            gaps.append((start - reach) / 1e6)
+        reach = end if reach is None else max(reach, end)
+    idle = sum(g for g in gaps if g < 1.0) / calls
     print(f"\n## profile {os.path.basename(path)}: device time {total:.3f} ms per call "
-          f"({'GPU streams' if device_planes else 'CPU XLA ops'}; trace: {files[-1]})", flush=True)
+          f"({'GPU streams' if device_planes else 'CPU XLA ops'}; trace: {files[-1]}); idle between kernels "
+          f"{idle:.3f} ms per call ({sum(1 for g in gaps if g < 1.0) / calls:.0f} gaps), "
+          f"{sum(1 for g in gaps if g >= 1.0)} gaps over 1 ms (between calls)", flush=True)
     print("| group | ms per call | share |\n|---|---:|---:|")
     for name, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {ms:.3f} | {100 * ms / max(total, 1e-12):.0f}% |")
@@ -380,7 +400,7 @@ def profile_row(jax, path, fn, fargs, block, calls=3):
     for name, ms in sorted(per_name.items(), key=lambda kv: -kv[1])[:12]:
         print(f"| `{name[:90]}` | {counts[name] / calls:.0f} | {ms:.3f} | {100 * ms / max(total, 1e-12):.0f}% |",
               flush=True)
-    return dict(total_ms=total, groups=dict(groups))
+    return dict(total_ms=total, groups=dict(groups), idle_ms=idle)
 
 
 def gemm_calls(args, dtype):

@@ -88,12 +88,19 @@ class Tiling:
         return dataclasses.replace(self, **out)
 
 
-# The best of experiments/bench_gmm.py's sweep on an H200 (jax 0.11.2; T*K = 16384 rows, D=512, F=1024, E=8 and
-# E=64 alike; docs/perf.md): forward/dx 128x128 tiles in bands of 4 column tiles, dw 64x256 tiles.
-DEFAULT_TILING = {"fwd": Tiling(128, 128, 64, 4, 4), "dw": Tiling(64, 256, 64, 4, 1)}
+# JAX's ragged_dot_mgpu forward kernel: the best of experiments/bench_gmm.py's sweeps on an H200 (jax 0.11.2) at
+# T*K = 16384 rows, D=512, F=1024 and at T*K = 131072, D=1024, F=4096, E=8 and 64 alike: 128x128 tiles in
+# bands of 4 column tiles.
+JAX_FWD_TILING = Tiling(128, 128, 64, 4, 4, "jax")
 # The warp-specialized forward kernel (moe_jax.gmm_mgpu): 128 x (2 x 128) CTA tiles; 3 pipeline steps is the
-# most that fits in shared memory with the epilogue's buffer at block_k = 64.
+# most that fits in shared memory with the epilogue's buffer at block_k = 64. At the layer bar's shape
+# (131072 rows, D=1024, F=4096) it ran the forward / input-gradient GEMMs at 87% / 97% of a dense matmul at E=8
+# (JAX's kernel: 76% / 90%) and 69% / 86% at E=64 (64% / 78%); docs/perf.md, session 6.
 WS_TILING = Tiling(128, 128, 64, 3, 4, "ws")
+# Defaults: the 'ws' forward kernel (it falls back to JAX's where the output width is not a multiple of 128);
+# weight gradient: JAX's transposed_ragged_dot_mgpu with 64x256 tiles (best at E=64 in both sweeps; at E=8,
+# 131072 rows, 128x128 was 5% faster).
+DEFAULT_TILING = {"fwd": WS_TILING, "dw": Tiling(64, 256, 64, 4, 1)}
 _TILING: Dict[str, Tiling] = dict(DEFAULT_TILING)
 
 

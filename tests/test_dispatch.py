@@ -367,3 +367,13 @@ def test_sorted_rows_ffn_matches_per_row_experts(glu, chunk):
     for k in gp_ref:
         np.testing.assert_allclose(gp[k], gp_ref[k], rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(gp["wi"])[0] == 0.0)  # expert 0 owns no row
+
+
+def test_sorted_counts_are_the_rows_of_each_expert():
+    # experts 0, 0, 2, 2, 2 and two invalid assignments (key E = 3, sorted last): 2 rows, 0 rows, 3 rows
+    key = jnp.array([0, 0, 2, 2, 2, 3, 3], jnp.int32)
+    np.testing.assert_array_equal(dispatch.sorted_counts(key, 3), [2, 0, 3])
+    assert dispatch.sorted_counts(key, 3).dtype == jnp.int32
+    # random keys: the same as bincount
+    rand = jnp.sort(jax.random.randint(jax.random.key(0), (257,), 0, 9))
+    np.testing.assert_array_equal(dispatch.sorted_counts(rand, 8), jnp.bincount(rand, length=9)[:8])

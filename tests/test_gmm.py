@@ -4,6 +4,8 @@ The Mosaic GPU kernels need a Hopper GPU (experiments/bench_gmm.py checks them t
 kernels); on CPU the same custom VJP runs with the 'xla' kernels, checked here against numbers derived by
 hand and against autodiff of ``jax.lax.ragged_dot``.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,12 +65,35 @@ def test_tiling_fits_each_block_to_its_dimension():
 
 
 def test_tiling_kernel_field_is_checked():
-    assert gmm.WS_TILING.kernel == "ws" and gmm.DEFAULT_TILING["fwd"].kernel == "jax"
+    assert gmm.DEFAULT_TILING["fwd"] == gmm.WS_TILING and gmm.WS_TILING.kernel == "ws"
+    assert gmm.JAX_FWD_TILING.kernel == "jax"
     with pytest.raises(ValueError, match="Tiling.kernel must be one of"):
         gmm.Tiling(kernel="cutlass")
     with pytest.raises(ValueError, match="weight-gradient kernel.*kernel='jax'"):
         gmm.set_tiling(dw=gmm.WS_TILING)
     assert gmm._TILING == gmm.DEFAULT_TILING
+
+
+def test_forward_kernel_choice_and_its_fallback(monkeypatch):
+    """With the 'ws' tiling the forward GEMM runs moe_jax.gmm_mgpu on 128 x (2 * block_n) tiles, block_n fitted
+    to N / 2; an output width N that is not a multiple of 128 falls back to JAX's ragged_dot_mgpu with the same
+    blocks (its own tiles are block_m x block_n). Both kernels replaced by recorders (no GPU here)."""
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+    from moe_jax import gmm_mgpu
+
+    calls = []
+    monkeypatch.setattr(gmm_mgpu, "ragged_matmul", lambda x, w, gs, **kw: calls.append(("ws", kw)) or x)
+    fake = functools.wraps(ragged_dot_mgpu.ragged_dot)(lambda x, w, **kw: calls.append(("jax", kw)) or x)
+    monkeypatch.setattr(ragged_dot_mgpu, "ragged_dot", fake)  # keeps the signature that gmm reads
+    x, gs = jnp.zeros((8, 128)), jnp.array([8])
+    gmm._fwd_kernel("mosaic", x, jnp.zeros((1, 128, 256)), gs, transpose_rhs=False)  # N = 256
+    gmm._fwd_kernel("mosaic", x, jnp.zeros((1, 128, 192)), gs, transpose_rhs=False)  # N = 192
+    gmm._fwd_kernel("mosaic", x, jnp.zeros((1, 384, 128)), gs, transpose_rhs=True)  # N = 384 (w is [G, N, K])
+    (k1, kw1), (k2, kw2), (k3, kw3) = calls
+    assert k1 == "ws" and kw1["tile_n"] == 128 and kw1["max_concurrent_steps"] == 3 and not kw1["transpose_rhs"]
+    assert k2 == "jax" and kw2["block_n"] == 64 and kw2["max_concurrent_steps"] == 3 and "kernel" not in kw2
+    assert k3 == "ws" and kw3["tile_n"] == 64 and kw3["transpose_rhs"]  # 384 / 2 = 192: 128 does not divide it
 
 
 def _gpu_interpreter(**kw):
