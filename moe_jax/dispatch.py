@@ -279,9 +279,10 @@ def default_block_size(num_assignments: int, num_experts: int) -> int:
 
 def sorted_counts(sorted_key: Array, num_experts: int) -> Array:
     """``sorted_key [N]`` (expert ids in ascending order; ``num_experts`` = invalid, sorted last) -> ``[E]``
-    int32 rows per expert, from E + 1 binary searches. ``jnp.bincount`` gives the same counts, but on a GPU it
-    is a scatter-add whose atomics all hit E + 1 addresses: 0.87 ms at N = 131072, E = 8 on an H200
-    (docs/perf.md), where this costs a few microseconds."""
+    int32 rows per expert, from E + 1 binary searches. ``jnp.bincount`` gives the same counts with a
+    scatter-add of N ones into E + 1 counters; on an H200 the dropless layer at N = 131072, E = 8 spent 0.87 ms
+    in a scatter fusion that the E = 64 run did not show, most likely that one (docs/perf.md, session 6; not
+    re-measured since). On CPU the two cost the same."""
     bounds = jnp.searchsorted(sorted_key, jnp.arange(num_experts + 1, dtype=sorted_key.dtype), side="left")
     return (bounds[1:] - bounds[:-1]).astype(jnp.int32)
 

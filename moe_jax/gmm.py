@@ -11,11 +11,13 @@ times ``w[g]``, where ``n_g = group_sizes[g]`` and ``o_g = n_0 + ... + n_{g-1}``
 
 Backends (``backend=``):
 
-* ``'mosaic'``: JAX's Pallas Mosaic GPU kernels for Hopper (sm_90: H100, H200),
-  ``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu.ragged_dot`` (forward and ``dx``, warpgroup MMA with a
-  TMA pipeline; tiles that straddle a group boundary are computed once per group and stored masked) and
-  ``transposed_ragged_dot_mgpu.transposed_ragged_dot`` (``dw``). Every GEMM does only the useful work
-  (plus at most one partial tile per group). bfloat16/float16 only; ``D`` and ``F`` multiples of 64.
+* ``'mosaic'``: Pallas Mosaic GPU kernels for Hopper (sm_90: H100, H200). Forward and ``dx``: by default
+  our warp-specialized ``moe_jax.gmm_mgpu.ragged_matmul`` (``Tiling.kernel='ws'``: one TMA warpgroup
+  feeding two MMA warpgroups), or JAX's ``jax.experimental.pallas.ops.gpu.ragged_dot_mgpu.ragged_dot``
+  (``kernel='jax'``, ``JAX_FWD_TILING``; also used where the output width is not a multiple of 128). In
+  both, tiles that straddle a group boundary are computed once per group and stored masked. ``dw``: JAX's
+  ``transposed_ragged_dot_mgpu.transposed_ragged_dot``. Every GEMM does only the useful work (plus at most
+  one partial tile per group). bfloat16/float16 only; ``D`` and ``F`` multiples of 64.
 * ``'xla'``: ``jax.lax.ragged_dot`` / ``ragged_dot_general``. Correct on every backend, and the reference
   the tests compare against; but with jax 0.10/0.11 both CPU and GPU lower it to a dense masked product (G
   times the work and memory; docs/perf.md, the H100 table), so it is not a fast path anywhere. It keeps the
@@ -28,8 +30,9 @@ Contract on the rows: the Mosaic forward kernel writes only the rows inside the 
 dispatcher (``dispatch.ragged_dot_experts`` with ``dropless_impl='gmm'``) adds the rows of dropped
 assignments, which hold zeros, to the last group (``cover_all_rows``).
 
-Tiling: ``set_tiling(fwd=..., dw=...)`` (``Tiling``: ``block_m, block_n, block_k`` and the kernels' pipeline
-depth and tile order); read at trace time. ``experiments/bench_gmm.py`` times a sweep of tilings on the GPU.
+Tiling: ``set_tiling(fwd=..., dw=...)`` (``Tiling``: ``block_m, block_n, block_k``, the kernels' pipeline
+depth and tile order, and which forward kernel); read at trace time. ``experiments/bench_gmm.py`` checks
+both forward kernels and times a sweep of tilings on the GPU.
 """
 from __future__ import annotations
 
