@@ -7,7 +7,8 @@
 #      bar, with each row's device time split by kernel (--profile);
 #   3. bench_model.py: train-step tokens/s of a small LM, dense against MoE;
 #   4. bench_layer.py, the CPU table's shape (T=8192, D=512, F=1024), every E, K=2 and 1.
-# Each step has its own time limit, so that one slow step cannot starve the rest.
+# Each step has its own time limit, so that one slow step cannot starve the rest. The layer steps time 5
+# back-to-back calls per sample (--calls 5; session 6's call, in docs/perf.md, synced after every call).
 set -u
 OUT=${OUT:-/tmp/moe_jax_gpu}
 mkdir -p "$OUT"
@@ -38,10 +39,10 @@ TILING=()
 [ -s "$OUT/gmm_tiling.json" ] && TILING=(--gmm-tiling "$OUT/gmm_tiling.json")
 step layer_large 170 $PY experiments/bench_layer.py --no-pin --dtype bfloat16 --matmul --tokens 65536 \
   --seq-len 2048 --d-model 1024 --hidden 4096 --experts 8,64 --k 2 --dispatchers scatter,$GMM_ROWS \
-  --repeats 10 --warmup 2 --json "$OUT/layer_large.json" --profile "$OUT/prof" "${TILING[@]}"
+  --repeats 10 --warmup 2 --calls 5 --json "$OUT/layer_large.json" --profile "$OUT/prof" "${TILING[@]}"
 step model 120 $PY experiments/bench_model.py --no-pin --dtype bfloat16 --batch 32 --seq-len 512 --d-model 512 \
   --heads 8 --hidden 1024 --experts 8 --k 2 --moe-every 1 --dispatchers auto,dropless:gmm \
   --repeats 5 --steps 5 "${TILING[@]}"
 step layer_small 200 $PY experiments/bench_layer.py --no-pin --dtype bfloat16 --matmul --experts 8,16,32,64 \
-  --k 2,1 --dispatchers scatter,$GMM_ROWS,einsum --repeats 10 --warmup 2 --json "$OUT/layer_small.json" \
+  --k 2,1 --dispatchers scatter,$GMM_ROWS,einsum --repeats 10 --warmup 2 --calls 5 --json "$OUT/layer_small.json" \
   "${TILING[@]}"

@@ -2,7 +2,8 @@
 
 The Mosaic GPU kernels need a Hopper GPU (experiments/bench_gmm.py checks them there against the 'xla'
 kernels); on CPU the same custom VJP runs with the 'xla' kernels, checked here against numbers derived by
-hand and against autodiff of ``jax.lax.ragged_dot``.
+hand and against autodiff of ``jax.lax.ragged_dot``. Our own forward kernel (``moe_jax.gmm_mgpu``) also runs
+here, in JAX's Pallas Mosaic GPU interpreter.
 """
 import functools
 
