@@ -26,11 +26,11 @@ Rows (``--dispatchers``):
 * ``ragged_dot``: dropless with ``jax.lax.ragged_dot`` (on CPU it costs E times the useful work);
 * ``blocks``: dropless, block-padded rows with per-block gathered weights (``dropless_impl='blocks'``);
 * ``gmm``: dropless on rows sorted by expert through ragged GEMM kernels forward and backward
-  (``dropless_impl='gmm'``, ``moe_jax.gmm``: JAX's Pallas Mosaic GPU kernels; Hopper GPUs, bfloat16).
+  (``dropless_impl='gmm'``, ``moe_jax.gmm``: Pallas Mosaic GPU kernels; Hopper GPUs, bfloat16).
   ``--gmm-tiling FILE`` sets their tiles from the JSON that ``experiments/bench_gmm.py --json`` writes.
   ``gmm_jax`` / ``gmm_ws``: the same with the forward and input-gradient GEMMs forced to JAX's
   ``ragged_dot_mgpu`` / to the warp-specialized ``moe_jax.gmm_mgpu`` (tiles: the JSON's ``fwd_jax`` /
-  ``fwd_ws`` if given, else ``gmm.DEFAULT_TILING`` / ``gmm.WS_TILING``).
+  ``fwd_ws`` if given, else ``gmm.JAX_FWD_TILING`` / ``gmm.WS_TILING``).
 
 Default rows: ``einsum, scatter, scatter_full, dropless`` on CPU; ``einsum, einsum_seq, scatter, grouped,
 ragged_dot, blocks, gmm`` on a GPU/TPU. With ``--matmul`` the table also gives each row's speed as a fraction
@@ -109,8 +109,9 @@ def parse_args(argv=None):
                    help="JSON file of the 'gmm' kernels' tiles, {'fwd': {...}, 'dw': {...}} (bench_gmm.py --json)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after timing, trace 3 calls of every row with jax.profiler into DIR/<row>/ and print the "
-                        "device time per call by kernel (GPU) or by XLA op (CPU), grouped: ragged GEMM kernels, "
-                        "other GEMMs, sorts, the rest")
+                        "device time per call by kernel (GPU) or by XLA op (CPU, a dry run: ops nested in loops "
+                        "count in their parents too), grouped: ragged GEMM kernels, other GEMMs, sorts, the rest; "
+                        "and the idle time between kernels")
     p.add_argument("--no-pin", action="store_true", help="do not set single-thread XLA CPU flags")
     p.add_argument("--host-malloc", default=None, choices=["keep", "default"],
                    help="'keep' (default): glibc keeps freed memory for the next call (moe_jax.hostmem); "

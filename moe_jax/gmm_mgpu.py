@@ -1,5 +1,5 @@
 """A warp-specialized ragged GEMM for Hopper GPUs (Pallas Mosaic GPU): the forward and input-gradient kernel of
-``moe_jax.gmm`` when ``gmm.set_kernel('ws')``.
+``moe_jax.gmm`` with ``gmm.Tiling(kernel='ws')`` (the default, ``gmm.WS_TILING``).
 
 ``ragged_matmul(x [M, K], w [G, K, N] (or [G, N, K] with transpose_rhs), group_sizes [G]) -> [M, N]``: rows
 ``[o_g, o_g + n_g)`` of ``x`` times ``w[g]``; rows past ``sum(group_sizes)`` are left unwritten (the same
@@ -16,8 +16,8 @@ whose two column halves share the row block of ``x``. That is the structure of J
   ladder of power-of-two TMA stores (a TMA store has a static row count);
 * tiles that hold no row of any group (the enumeration's tail, empty groups) skip the pipeline entirely.
 
-Everything here is traced only when the kernel is used (a Hopper GPU); on other backends ``moe_jax.gmm``
-never imports this module's Pallas parts at run time, though the module imports on any install of jax.
+Pallas is imported only when the kernel is traced: on a Hopper GPU, or on CPU in JAX's Pallas Mosaic GPU
+interpreter (``interpret=``, how ``tests/test_gmm.py`` checks it). Measured on an H200: docs/perf.md, session 6.
 """
 from __future__ import annotations
 
@@ -32,7 +32,10 @@ from jax import lax
 
 @dataclasses.dataclass(frozen=True)
 class _GroupTile:
-    """Which group and which rows the ``tid``-th ragged row tile covers (see ``ragged_dot_mgpu.GroupInfo``)."""
+    """Which group and which rows the ``tid``-th ragged row tile covers. Tile ids run over the groups in order,
+    each group taking the row tiles it overlaps, one id per (group, tile) pair: at most ``cdiv(M, tile_m) + G
+    - 1`` ids. As ``ragged_dot_mgpu.GroupInfo``, except that an empty group takes no id when its start is a
+    multiple of ``tile_m`` (an id no group takes has ``size`` 0 and is skipped)."""
 
     group: jax.Array
     block_start: jax.Array  # first row of the tile (a multiple of tile_m)
@@ -68,10 +71,13 @@ class _GroupTile:
 
 def ragged_matmul(x, w, group_sizes, *, tile_m: int = 128, tile_n: int = 128, tile_k: int = 64,
                   max_concurrent_steps: int = 3, grid_tile_width: int = 4, transpose_rhs: bool = False,
-                  num_sms: int | None = None, interpret: bool = False):
+                  num_sms: int | None = None, interpret=False):
     """``x [M, K]``, ``w [G, K, N]`` (``[G, N, K]`` if ``transpose_rhs``), ``group_sizes [G]`` int32 ->
     ``[M, N]``. Each CTA computes ``tile_m x (2 * tile_n)`` output tiles (two compute warpgroups of
-    ``tile_m x tile_n``). Needs ``K % tile_k == 0`` and ``N % (2 * tile_n) == 0``."""
+    ``tile_m x tile_n``), ``grid_tile_width`` column tiles per band of the tile order, with a
+    ``max_concurrent_steps``-deep TMA pipeline over ``K``. Needs ``K % tile_k == 0`` and
+    ``N % (2 * tile_n) == 0``. ``num_sms``: persistent CTAs (default: the device's SM count; 4 when
+    interpreted); ``interpret``: JAX's GPU interpreter parameters, to run on CPU."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
