@@ -12,8 +12,9 @@ whose two column halves share the row block of ``x``. That is the structure of J
 (``hopper_matmul_mgpu``), which keeps the tensor cores busier than a single warpgroup can. What is ragged:
 
 * the row tiles are enumerated as in ``ragged_dot_mgpu``: a tile that straddles a group boundary is computed
-  once for each group it touches (``_GroupTile``), and the epilogue stores only that group's rows, with a
-  ladder of power-of-two TMA stores (a TMA store has a static row count);
+  once for each group it touches, and the epilogue stores only that group's rows, with a ladder of
+  power-of-two TMA stores (a TMA store has a static row count). Which group and rows each tile id covers is
+  a table (``tile_table``) that XLA computes before the kernel, read with four loads per tile;
 * tiles that hold no row of any group (the enumeration's tail, empty groups) skip the pipeline entirely.
 
 Pallas is imported only when the kernel is traced: on a Hopper GPU, or on CPU in JAX's Pallas Mosaic GPU
@@ -21,7 +22,6 @@ interpreter (``interpret=``, how ``tests/test_gmm.py`` checks it). Measured on a
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -30,43 +30,37 @@ import jax.numpy as jnp
 from jax import lax
 
 
-@dataclasses.dataclass(frozen=True)
-class _GroupTile:
-    """Which group and which rows the ``tid``-th ragged row tile covers. Tile ids run over the groups in order,
-    each group taking the row tiles it overlaps, one id per (group, tile) pair: at most ``cdiv(M, tile_m) + G
-    - 1`` ids. As ``ragged_dot_mgpu.GroupInfo``, except that an empty group takes no id when its start is a
-    multiple of ``tile_m`` (an id no group takes has ``size`` 0 and is skipped)."""
+def tile_table(group_sizes, num_rows: int, tile_m: int):
+    """The ragged row tiles: ``group_sizes [G]`` -> int32 ``[4, cdiv(num_rows, tile_m) + G - 1]``, per tile id
+    its group, its first row ``block_start`` (a multiple of ``tile_m``), the group's first row in it relative
+    to ``block_start``, and the group's row count in it (0: the kernel skips the tile).
 
-    group: jax.Array
-    block_start: jax.Array  # first row of the tile (a multiple of tile_m)
-    start_within_block: jax.Array  # first row of the group in the tile, relative to block_start
-    size: jax.Array  # rows of the group in the tile (0: nothing to do)
-
-    @classmethod
-    def create(cls, group_sizes_ref, num_groups: int, tile_m: int, tid):
-        tile = jnp.int32(tile_m)
-        zero = jnp.int32(0)
-        end = block = group = g_start = g_end = zero
-        # Unrolled over the groups (E is small); selects instead of an early exit.
-        for i in range(num_groups):
-            start = end
-            end = start + group_sizes_ref[i]
-            first_block = lax.div(start, tile)
-            # the tile after the group's last row; an empty group aligned to a tile covers no tile
-            stop_block = lax.div(end + tile - 1, tile)
-            stop_block = jnp.maximum(stop_block, first_block)
-            tid_begin = first_block + i
-            tid_end = stop_block + i
-            here = (tid_begin <= tid) & (tid < tid_end)
-            block = lax.select(here, tid - tid_begin + first_block, block)
-            group = lax.select(here, jnp.int32(i), group)
-            g_start = lax.select(here, start, g_start)
-            g_end = lax.select(here, end, g_end)
-        block_start = block * tile
-        lo = jnp.maximum(g_start, block_start)
-        hi = jnp.minimum(g_end, block_start + tile)
-        return cls(group=group, block_start=block_start, start_within_block=lo - block_start,
-                   size=jnp.maximum(hi - lo, 0))
+    Tile ids run over the groups in order, each group taking one id per row tile it overlaps, so a tile that
+    straddles a group boundary gets one id per group; an empty group takes an id (of size 0) only when its
+    start falls inside a tile, and ids no group takes have size 0. This is the enumeration of
+    ``ragged_dot_mgpu.GroupInfo``, except for an empty group at row 0, which takes no id here. Computed once
+    by XLA before the kernel, so each tile reads four numbers instead of scanning all G group sizes, which
+    costs G loads on every tile (64 at E = 64)."""
+    g = group_sizes.shape[0]
+    grid_m = -(-num_rows // tile_m) + g - 1
+    sizes = group_sizes.astype(jnp.int32)
+    end = jnp.cumsum(sizes)
+    start = end - sizes
+    first = start // tile_m
+    stop = jnp.maximum((end + tile_m - 1) // tile_m, first)  # one past the group's last tile
+    tid_begin = first + jnp.arange(g, dtype=jnp.int32)
+    tid_end = stop + jnp.arange(g, dtype=jnp.int32)  # increasing: the groups' id ranges are disjoint, in order
+    t = jnp.arange(grid_m, dtype=jnp.int32)
+    grp = jnp.searchsorted(tid_end, t, side="right")  # the first group whose ids end after t
+    gi = jnp.minimum(grp, g - 1)
+    inside = (grp < g) & (tid_begin[gi] <= t)
+    block_start = (t - tid_begin[gi] + first[gi]) * tile_m
+    lo = jnp.maximum(start[gi], block_start)
+    hi = jnp.minimum(end[gi], block_start + tile_m)
+    zero = jnp.zeros_like(t)
+    return jnp.stack([jnp.where(inside, gi, zero), jnp.where(inside, block_start, zero),
+                      jnp.where(inside, lo - block_start, zero),
+                      jnp.where(inside, jnp.maximum(hi - lo, 0), zero)]).astype(jnp.int32)
 
 
 def ragged_matmul(x, w, group_sizes, *, tile_m: int = 128, tile_n: int = 128, tile_k: int = 64,
@@ -104,7 +98,7 @@ def ragged_matmul(x, w, group_sizes, *, tile_m: int = 128, tile_n: int = 128, ti
     if num_sms is None:
         num_sms = 4 if interpret else jax.devices()[0].core_count
 
-    def body(gs_gmem, x_gmem, w_gmem, o_gmem):
+    def body(table_gmem, x_gmem, w_gmem, o_gmem):
         def pipeline(mma_body, compute_context, tile):
             if transpose_rhs:
                 w_spec = plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=transforms)
@@ -138,7 +132,8 @@ def ragged_matmul(x, w, group_sizes, *, tile_m: int = 128, tile_n: int = 128, ti
             @plgpu.nd_loop((grid_m * grid_n,), collective_axes="sm")
             def _tiles(loop_info):
                 mi, ni = plgpu.planar_snake(loop_info.index[0], (grid_m, grid_n), 1, grid_tile_width)
-                info = _GroupTile.create(gs_gmem, g, tile_m, mi)
+                group, block_start = table_gmem[0, mi], table_gmem[1, mi]
+                start_within, size = table_gmem[2, mi], table_gmem[3, mi]
                 col0 = ni * cta_n
 
                 def compute_context(eval_pipeline):
@@ -150,20 +145,20 @@ def ragged_matmul(x, w, group_sizes, *, tile_m: int = 128, tile_n: int = 128, ti
                         o_smem[wg] = acc
                         plgpu.commit_smem()
                         # store rows [start, start + size) of the tile: a ladder of power-of-two row counts
-                        start = info.start_within_block
+                        start = start_within
                         rows = min(tile_m, m)
                         while rows > 0:
                             length = 1 << int(math.log2(rows))
                             rows //= 2
 
-                            @pl.when((info.size & length) != 0)
+                            @pl.when((size & length) != 0)
                             def _store(start=start, length=length):
                                 plgpu.copy_smem_to_gmem(
                                     o_smem.at[wg, pl.ds(start, length)],
-                                    o_gmem.at[pl.ds(info.block_start + start, length),
+                                    o_gmem.at[pl.ds(block_start + start, length),
                                               pl.ds(col0 + wg * tile_n, tile_n)])
 
-                            start = start + (info.size & length)
+                            start = start + (size & length)
 
                 def mma_body(_, x_smem, w_smem, acc_ref):
                     if transpose_rhs:
@@ -174,13 +169,12 @@ def ragged_matmul(x, w, group_sizes, *, tile_m: int = 128, tile_n: int = 128, ti
                     plgpu.wgmma_wait(0)
                     return acc_ref
 
-                w_tile = (w_gmem.at[info.group, pl.ds(col0, cta_n), :] if transpose_rhs
-                          else w_gmem.at[info.group, :, pl.ds(col0, cta_n)])
+                w_tile = (w_gmem.at[group, pl.ds(col0, cta_n), :] if transpose_rhs
+                          else w_gmem.at[group, :, pl.ds(col0, cta_n)])
 
-                @pl.when(info.size > 0)
+                @pl.when(size > 0)
                 def _run():
-                    pipeline(mma_body, compute_context, info.block_start // tile_m)(
-                        x_gmem, w_tile, allocations=allocs)
+                    pipeline(mma_body, compute_context, block_start // tile_m)(x_gmem, w_tile, allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -194,4 +188,4 @@ def ragged_matmul(x, w, group_sizes, *, tile_m: int = 128, tile_n: int = 128, ti
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
-    return kernel(group_sizes.astype(jnp.int32), x, w)
+    return kernel(tile_table(group_sizes, m, tile_m), x, w)

@@ -97,6 +97,36 @@ def test_forward_kernel_choice_and_its_fallback(monkeypatch):
     assert k3 == "ws" and kw3["tile_n"] == 64 and kw3["transpose_rhs"]  # 384 / 2 = 192: 128 does not divide it
 
 
+def test_tile_table_enumerates_the_ragged_row_tiles():
+    """gmm_mgpu.tile_table, derived by hand: groups of 70, 0, 100, 1, 64 rows (ends 70, 70, 170, 171, 235) in
+    M = 300 rows, 64-row tiles, so cdiv(300, 64) + 5 - 1 = 9 tile ids:
+    group 0 -> tiles 0 (rows 0-63) and 1 (64-69); the empty group 1 starts inside tile 1 -> one id of size 0;
+    group 2 -> tile 1 (rows 70-127: offset 6, 58 rows) and tile 2 (128-169); group 3 -> tile 2 (row 170:
+    offset 42); group 4 -> tile 2 (171-191: offset 43, 21 rows) and tile 3 (192-234); id 8 is nobody's."""
+    from moe_jax.gmm_mgpu import tile_table
+
+    table = np.asarray(tile_table(jnp.array([70, 0, 100, 1, 64]), 300, 64))
+    np.testing.assert_array_equal(table, [[0, 0, 1, 2, 2, 3, 4, 4, 0],            # group
+                                          [0, 64, 64, 64, 128, 128, 128, 192, 0],  # first row of the tile
+                                          [0, 0, 6, 6, 0, 42, 43, 0, 0],           # group's offset in it
+                                          [64, 6, 0, 58, 42, 1, 21, 43, 0]])       # group's rows in it
+    # random sizes (empty groups, groups on tile boundaries, an empty first group): every row of every group
+    # is covered exactly once, by a tile of its own group
+    rng = np.random.default_rng(0)
+    for sizes in ([0, 64, 0, 128, 3], list(rng.integers(0, 90, 12)), [0, 0, 0, 50]):
+        sizes = np.asarray(sizes)
+        m = int(sizes.sum()) + 7
+        group, start, offset, size = np.asarray(tile_table(jnp.asarray(sizes), m, 64))
+        assert len(group) == -(-m // 64) + len(sizes) - 1
+        owner = np.full(m, -1)
+        for g, b, o, n in zip(group, start, offset, size):
+            assert b % 64 == 0 and 0 <= o and o + n <= 64
+            assert (owner[b + o:b + o + n] == -1).all()
+            owner[b + o:b + o + n] = g
+        np.testing.assert_array_equal(owner[:sizes.sum()], np.repeat(np.arange(len(sizes)), sizes))
+        assert (owner[sizes.sum():] == -1).all()
+
+
 def _gpu_interpreter(**kw):
     try:  # a private module of jax (0.10): Mosaic GPU kernels run on CPU, shared memory and threads simulated
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
