@@ -144,12 +144,10 @@ def main(argv=None):
     from moe_jax import gmm
     fwd_tiling = {"gmm_jax": gmm.JAX_FWD_TILING, "gmm_ws": gmm.WS_TILING}  # rows gmm_jax, gmm_ws
     if args.gmm_tiling:
-        with open(args.gmm_tiling) as fh:
-            tiles = json.load(fh)
-        gmm.set_tiling(**{kind: gmm.Tiling(**tiles[kind]) for kind in ("fwd", "dw") if kind in tiles})
-        for name in fwd_tiling:
-            if "fwd_" + name[4:] in tiles:
-                fwd_tiling[name] = gmm.Tiling(**tiles["fwd_" + name[4:]])
+        tiles = gmm.read_tilings(args.gmm_tiling)
+        gmm.set_tiling(fwd=tiles.get("fwd"), dw=tiles.get("dw"))
+        for name in fwd_tiling:  # gmm_jax <- fwd_jax, gmm_ws <- fwd_ws
+            fwd_tiling[name] = tiles.get("fwd_" + name[4:], fwd_tiling[name])
         print(f"# gmm tiling from {args.gmm_tiling}: {gmm._TILING}; rows gmm_jax/gmm_ws: {fwd_tiling}", flush=True)
     if args.gemm_calls:
         return gemm_calls(args, dtype)

@@ -80,12 +80,9 @@ def main(argv=None):
 
     backend = jax.default_backend()
     if args.gmm_tiling:
-        import json
-
         from moe_jax import gmm
-        with open(args.gmm_tiling) as fh:
-            tiles = json.load(fh)
-        gmm.set_tiling(**{kind: gmm.Tiling(**tiles[kind]) for kind in ("fwd", "dw") if kind in tiles})
+        tiles = gmm.read_tilings(args.gmm_tiling)
+        gmm.set_tiling(fwd=tiles.get("fwd"), dw=tiles.get("dw"))
         print(f"# gmm tiling from {args.gmm_tiling}: {gmm._TILING}", flush=True)
     train_cfg = ml_collections.ConfigDict(dict(learning_rate=1e-3, steps=1000, warmup_steps=10, end_lr_ratio=0.1,
                                                grad_clip=1.0, weight_decay=0.1))

@@ -31,7 +31,7 @@ their semantics agree (same capacity, same slot order); the tests hold each agai
    (``experts.sorted_rows_ffn``: a loop over experts, each one FFN per chunk of its rows, forward and
    backward; the CPU default) or ``'ragged_dot'`` (``jax.lax.ragged_dot``: on CPU a masked dense product
    costing E times the useful work; on GPU with jax 0.11 its weight gradient is also dense-masked) or
-   ``'gmm'`` (``gmm.grouped_matmul``: ragged GEMM kernels forward and backward, JAX's Pallas Mosaic GPU
+   ``'gmm'`` (``gmm.grouped_matmul``: ragged GEMM kernels forward and backward, Pallas Mosaic GPU
    kernels; Hopper, bfloat16: the GPU default there). ``dropless_impl='auto'`` picks per backend and dtype
    (``default_dropless_impl``).
 4. All gathers of token rows use ``take_rows``, whose backward is a gather as well (no scatter-add).
@@ -342,7 +342,7 @@ def default_dropless_impl(backend: Optional[str] = None, sharded: bool = False, 
     """What ``MoEConfig.dropless_impl='auto'`` resolves to (the fastest measured there, see docs/perf.md):
 
     * CPU: ``'grouped'`` (``experts.sorted_rows_ffn``, a loop of per-expert GEMMs on rows sorted by expert);
-    * GPU, bfloat16/float16 experts, a Hopper GPU with JAX's Pallas Mosaic GPU kernels: ``'gmm'``
+    * GPU, bfloat16/float16 experts, a Hopper GPU with Pallas Mosaic GPU: ``'gmm'``
       (``gmm.grouped_matmul``; on an H200, jax 0.11.2, T=8192, K=2, fwd+bwd: 0.8 vs 1.2 ms for ``'blocks'``
       at E=8, 1.3 vs 2.4 ms at E=64);
     * other GPUs and dtypes: ``'blocks'`` (it beat ``'ragged_dot'`` on an H100, whose transpose, the
@@ -368,7 +368,7 @@ def ragged_dot_experts(x: Array, decision: RoutingDecision, params: Dict[str, Ar
     ``params`` are the stacked expert weights ``wi/wg [E, D, F]``, ``wo [E, F, D]``. ``impl``:
     ``'ragged_dot'`` uses ``jax.lax.ragged_dot`` (correct everywhere; with jax 0.10/0.11 its weight gradient
     is a dense masked product, E times the work), ``'grouped'`` uses ``experts.sorted_rows_ffn`` (CPU),
-    ``'gmm'`` uses ``gmm.grouped_matmul`` (JAX's Pallas Mosaic GPU kernels, Hopper only, with a VJP of ragged
+    ``'gmm'`` uses ``gmm.grouped_matmul`` (Pallas Mosaic GPU kernels, Hopper only, with a VJP of ragged
     GEMMs). The sort and its inverse are ``take_rows`` gathers, so the backward pass has no scatter-add
     either.
     """
@@ -482,7 +482,9 @@ def default_dispatcher(backend: Optional[str] = None) -> str:
     """The dispatcher that ``dispatcher='auto'`` resolves to on a backend (the fastest measured there, see
     docs/perf.md): ``'scatter'`` on CPU (1-thread XLA:CPU) and on GPU (H100, H200; bf16) alike. The einsum
     costs more at every E on CPU and at K=2 on GPU (at K=1, E <= 32 on an H200 its 'auto' groups ran 2-7%
-    faster, but they drop more tokens); dropless costs more at every E on GPU and at small K/E on CPU."""
+    faster, but they drop more tokens). Dropless is another semantics (no drops): on CPU it costs more at small
+    K/E; on an H200 dropless 'gmm' beat it at T=65536, E=8 and tied at E=64, and (with session 5's
+    forward kernel) lost at T=8192."""
     backend = backend or jax.default_backend()
     return "scatter"
 

@@ -107,6 +107,16 @@ DEFAULT_TILING = {"fwd": WS_TILING, "dw": Tiling(64, 256, 64, 4, 1)}
 _TILING: Dict[str, Tiling] = dict(DEFAULT_TILING)
 
 
+def read_tilings(path: str) -> Dict[str, Tiling]:
+    """The tilings of a JSON file that ``experiments/bench_gmm.py --json`` wrote: ``{'fwd': Tiling, 'dw': Tiling,
+    'fwd_jax': ..., 'fwd_ws': ...}`` (the keys present). ``set_tiling(fwd=t['fwd'], dw=t['dw'])`` applies
+    the best ones."""
+    import json
+
+    with open(path) as fh:
+        return {kind: Tiling(**fields) for kind, fields in json.load(fh).items()}
+
+
 def set_tiling(fwd: Optional[Tiling] = None, dw: Optional[Tiling] = None) -> Dict[str, Tiling]:
     """Set the Mosaic kernels' tiling (``fwd``: forward and ``dx``; ``dw``: weight gradient). Returns the
     previous setting. Read when a function is traced: re-jit after changing it."""
@@ -142,7 +152,7 @@ def resolve_backend(backend: str = "auto") -> str:
     if backend == "auto":
         reason = mosaic_unavailable_reason()
         if reason is not None:
-            raise ValueError(f"MoEConfig.dropless_impl='gmm' runs JAX's Pallas Mosaic GPU kernels on a Hopper "
+            raise ValueError(f"MoEConfig.dropless_impl='gmm' runs Pallas Mosaic GPU kernels on a Hopper "
                              f"GPU, but {reason}. Use dropless_impl='auto' (the backend's fastest: 'grouped' "
                              "on CPU, 'blocks' on other GPUs).")
         return "mosaic"

@@ -94,7 +94,8 @@ def ragged_matmul(x, w, group_sizes, *, tile_m: int = 128, tile_n: int = 128, ti
     swizzle = plgpu.find_swizzle(tile_k * itemsize * 8)
     swizzle_elems = swizzle // itemsize
     transforms = (plgpu.TilingTransform((8, swizzle_elems)), plgpu.SwizzleTransform(swizzle))
-    grid_m = pl.cdiv(m, tile_m) + g - 1  # ragged row tiles: at most one extra per group boundary
+    table = tile_table(group_sizes, m, tile_m)
+    grid_m = table.shape[1]  # ragged row tile ids: cdiv(M, tile_m) + G - 1
     grid_n = n // cta_n
     k_iters = k // tile_k
     if num_sms is None:
@@ -190,4 +191,4 @@ def ragged_matmul(x, w, group_sizes, *, tile_m: int = 128, tile_n: int = 128, ti
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
-    return kernel(tile_table(group_sizes, m, tile_m), x, w)
+    return kernel(table, x, w)

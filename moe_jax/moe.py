@@ -67,9 +67,9 @@ class MoEConfig:
       slot_order: 'choice_major' (all first choices first; GShard) or 'token_major' (strictly causal).
       dropless_block_size: rows per block of the dropless layout; None = automatic.
       dropless_impl: 'auto' (the fastest measured on the backend, ``dispatch.default_dropless_impl``:
-        'grouped' on CPU, 'blocks' on GPU), 'grouped' (a loop over experts on rows sorted by expert), 'ragged_dot'
+        'grouped' on CPU, 'gmm' on a Hopper GPU in bfloat16/float16, 'blocks' on other GPUs), 'grouped' (a loop over experts on rows sorted by expert), 'ragged_dot'
         (``jax.lax.ragged_dot``), 'blocks' (block-padded rows, weights gathered per block) or 'gmm' (rows
-        sorted by expert through ragged GEMM kernels forward and backward: JAX's Pallas Mosaic GPU kernels,
+        sorted by expert through ragged GEMM kernels forward and backward: Pallas Mosaic GPU kernels,
         Hopper GPUs and bfloat16 only; ``moe_jax.gmm``).
       capacity_compute: what the capacity dispatcher 'scatter' computes: 'filled' (each expert only on its
         filled buffer rows, rounded up to a small quantum: ``experts.sorted_rows_ffn``, a loop of one FFN per

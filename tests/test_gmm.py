@@ -230,6 +230,7 @@ def test_bench_gmm_dry_run_off_a_gpu(tmp_path, capsys):
     assert set(best) == {"fwd", "dw", "fwd_jax", "fwd_ws"}
     assert gmm.Tiling(**best["fwd_ws"]).kernel == "ws" and gmm.Tiling(**best["fwd_jax"]).kernel == "jax"
     assert gmm.Tiling(**best["fwd"]) and gmm.Tiling(**best["dw"]).kernel == "jax"
+    assert gmm.read_tilings(str(out)) == {kind: gmm.Tiling(**fields) for kind, fields in best.items()}
     assert gmm._TILING == gmm.DEFAULT_TILING  # the sweep put the defaults back
 
 
