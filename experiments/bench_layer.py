@@ -16,6 +16,9 @@ Rows (``--dispatchers``):
 * ``einsum``: one-hot einsum dispatch with ``MoEConfig.group_size='auto'`` (the einsum picks its own group
   size, see ``dispatch.einsum_group_size``);
 * ``einsum_seq``: one-hot einsum with one group per sequence (``group_size=None``, S = L);
+* ``einsum_autodiff``: ``einsum`` as it was before session 7, for an A/B in one process: plain autodiff of the
+  combine einsum, whose backward spends a fifth ``[G,S,E,C]`` einsum on the routing weights' gradient
+  (``dispatch.einsum_combine_weighted`` gathers it instead);
 * ``scatter``: the capacity buffer (gathers), groups of one sequence, ``capacity_compute='auto'`` (on CPU
   'filled': each expert runs on its filled rows only, ``BatchedExperts(x, rows_used)``);
 * ``scatter_full``: the same with ``capacity_compute='full'`` (one batched matmul over all ``G*C`` rows);
@@ -61,7 +64,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(0, _ROOT)
 
-DISPATCHERS = ("einsum", "einsum_seq", "scatter", "scatter_full", "dropless", "grouped", "ragged_dot", "blocks",
+DISPATCHERS = ("einsum", "einsum_seq", "einsum_autodiff", "scatter", "scatter_full", "dropless", "grouped", "ragged_dot", "blocks",
                "gmm", "gmm_jax", "gmm_ws")
 CPU_DEFAULT = ("einsum", "scatter", "scatter_full", "dropless")
 ACCEL_DEFAULT = ("einsum", "einsum_seq", "scatter", "grouped", "ragged_dot", "blocks", "gmm")
@@ -174,7 +177,7 @@ def main(argv=None):
     def moe_config(name, e, k):
         kw = dict(num_experts=e, k=k, router="top_k", expert_hidden=f, activation="gelu",
                   capacity_factor=args.capacity_factor, jitter_eps=0.0)
-        if name == "einsum":
+        if name in ("einsum", "einsum_autodiff"):
             kw.update(dispatcher="einsum", group_size="auto")
         elif name == "einsum_seq":
             kw.update(dispatcher="einsum")
@@ -187,6 +190,13 @@ def main(argv=None):
         else:
             kw.update(dispatcher="dropless", dropless_impl="gmm" if name.startswith("gmm") else name)
         return MoEConfig(**kw)
+
+    def run_einsum_autodiff(x, decision, experts, capacity, slot_order="choice_major", **_):
+        # the einsum dispatcher with autodiff through both masks (before session 7): row einsum_autodiff
+        plan = dispatch.make_capacity_plan(decision, capacity, slot_order)
+        dispatch_mask, combine_mask = dispatch.einsum_masks(plan, x.shape[1], x.dtype)
+        ye = experts(dispatch.einsum_dispatch(x, dispatch_mask))
+        return dispatch.DispatchResult(dispatch.einsum_combine(ye, combine_mask), plan.kept, capacity)
 
     def build_moe(cfg):
         layer = MoELayer(cfg, dtype=dtype)
@@ -268,6 +278,13 @@ def main(argv=None):
                 try:
                     fn, params, drop_fn = build_moe(cfg)
                     drop = float(drop_fn(params, x))
+                    if name == "einsum_autodiff":  # the dispatcher is looked up when tracing: compile now
+                        saved = dispatch.DISPATCHERS["einsum"]
+                        dispatch.DISPATCHERS["einsum"] = run_einsum_autodiff
+                        try:
+                            fn = fn.lower(params, x).compile()
+                        finally:
+                            dispatch.DISPATCHERS["einsum"] = saved
                     if name in fwd_tiling:  # the tiling is read when tracing: compile under it now
                         old = gmm.set_tiling(fwd=fwd_tiling[name])
                         try:

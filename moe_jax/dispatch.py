@@ -12,7 +12,8 @@ their semantics agree (same capacity, same slot order); the tests hold each agai
    ``x_e = einsum('gsec,gsd->egcd')``. Simple and MXU/TensorCore friendly, but the two einsums cost
    ``2 * T * E * C * D = 2 * cf * K * T * S * D`` multiply-adds: linear in the *group size* S (C grows with
    S/E; E cancels), so its overhead over the expert FFN (``4 * K * T * D * F``) is about ``cf * S / (2 F)``.
-   Keep ``S`` well below ``F``.
+   Keep ``S`` well below ``F``. The backward runs two more (d x, d ye); the routing weights' gradient is
+   gathered, not a fifth einsum (``einsum_combine_weighted``).
 2. ``scatter`` (capacity buffer): compute each kept assignment's flat buffer row ``e*G*C + g*C + c``; gather the
    tokens into ``[E, G*C, D]`` and gather the results back, weighted. No ``[G, S, E, C]`` tensor; the data
    movement is ``O(E*G*C*D + N*D)``, independent of S. Dropped assignments point at an all-zero row.
@@ -137,28 +138,42 @@ def _inverse_rows(rows: Array, num_rows: int) -> Array:
 # ------------------------------------------------------------------------------------------------ einsum
 
 
-def einsum_masks(plan: CapacityPlan, group_size: int, dtype) -> tuple:
-    """``(dispatch, combine)``, both ``[G, S, E, C]`` in ``dtype``."""
+def _einsum_support(plan: CapacityPlan, group_size: int, dtype) -> tuple:
+    """The one-hot factors of the masks (no gradient): ``(oe [G,S,K,E], oc [G,S,K,C])`` for token choice,
+    ``(onehot [G,E,C,S],)`` for expert choice."""
     c, e = plan.capacity, plan.num_experts
     if plan.kind == "expert_choice":
-        onehot = jax.nn.one_hot(plan.token, group_size, dtype=dtype)  # [G, E, C, S]
-        dispatch = jnp.transpose(onehot * plan.kept[..., None].astype(dtype), (0, 3, 1, 2))  # [G, S, E, C]
-        combine = jnp.transpose(onehot * plan.weight[..., None].astype(dtype), (0, 3, 1, 2))
-        return dispatch, combine
+        return (jax.nn.one_hot(plan.token, group_size, dtype=dtype) * plan.kept[..., None].astype(dtype),)
     oe = jax.nn.one_hot(plan.expert, e, dtype=dtype)  # [G, S, K, E]
     oc = jax.nn.one_hot(jnp.where(plan.kept, plan.slot, c), c, dtype=dtype)  # [G, S, K, C]; dropped -> 0 row
-    dispatch = jnp.einsum("gske,gskc->gsec", oe, oc)
-    combine = jnp.einsum("gske,gskc,gsk->gsec", oe, oc, plan.weight.astype(dtype))
-    return dispatch, combine
+    return oe, oc
+
+
+def _einsum_mask(support: tuple, weight: Optional[Array], dtype) -> Array:
+    """``[G, S, E, C]``: the dispatch mask (``weight=None``) or the combine mask from ``_einsum_support``."""
+    if len(support) == 1:  # expert choice
+        w = support[0] if weight is None else support[0] * weight[..., None].astype(dtype)
+        return jnp.transpose(w, (0, 3, 1, 2))
+    oe, oc = support
+    if weight is None:
+        return jnp.einsum("gske,gskc->gsec", oe, oc)
+    return jnp.einsum("gske,gskc,gsk->gsec", oe, oc, weight.astype(dtype))
+
+
+def einsum_masks(plan: CapacityPlan, group_size: int, dtype) -> tuple:
+    """``(dispatch, combine)``, both ``[G, S, E, C]`` in ``dtype``."""
+    support = _einsum_support(plan, group_size, dtype)
+    return _einsum_mask(support, None, dtype), _einsum_mask(support, plan.weight, dtype)
 
 
 def einsum_group_size(seq_len: int, num_experts: int, k: int, hidden: int) -> int:
     """The group size S that ``MoEConfig.group_size='auto'`` gives the einsum dispatcher.
 
     The largest divisor of ``seq_len`` not above ``max(hidden // 4, 4 * ceil(E / K))``. Why: forward and
-    backward run five ``[G,S,E,C]`` einsums (dispatch, combine, and the transposes: d x, d ye, d combine
-    weights) against three FFN products, so the overhead over the experts is about
-    ``(5/3) * cf * S / (2F)``; ``S <= F/4`` keeps it near ``0.2 * cf`` (0.26 at cf = 1.25) for any E and K.
+    backward run four ``[G,S,E,C]`` einsums (dispatch, combine, and their transposes for d x and d ye; the
+    routing weights' gradient is a gather, ``einsum_combine_weighted``) against three FFN products, so the
+    overhead over the experts is about ``(4/3) * cf * S / (2F)``; ``S <= F/4`` keeps it near ``0.17 * cf``
+    (0.21 at cf = 1.25) for any E and K.
     The floor ``4 * E / K`` keeps at least 4 expected assignments per expert and group: smaller groups make
     the capacity ``C = ceil(cf*K*S/E)`` too coarse and drop more. Capacity stays per group (DESIGN.md), so
     with 'auto' the einsum drops exactly what 'scatter' drops with ``group_size`` set to the same S.
@@ -178,6 +193,59 @@ def einsum_combine(ye: Array, combine_mask: Array) -> Array:
     """``ye[E, G*C, D]``, combine ``[G, S, E, C]`` -> ``[G, S, D]``."""
     g, s, e, c = combine_mask.shape
     return jnp.einsum("gsec,egcd->gsd", combine_mask, ye.reshape(e, g, c, ye.shape[-1]))
+
+
+def _einsum_rows(plan: CapacityPlan, num_groups: int, group_size: int) -> tuple:
+    """``(token_row, buffer_row)`` of every assignment (shape of ``plan.kept``) in the einsum layout: token
+    ``g*S + s``, buffer row ``e*G*C + g*C + c`` of ``ye[E, G*C, D]``, ``E*G*C`` (a zero row) where not kept.
+    Token choice: ``token_row`` is None (assignment ``[g, s, k]`` belongs to token ``g*S + s``)."""
+    c, e = plan.capacity, plan.num_experts
+    g_idx = jnp.arange(num_groups)[:, None, None] * c
+    if plan.kind == "expert_choice":
+        rows = jnp.arange(e)[None, :, None] * (num_groups * c) + g_idx + jnp.arange(c)[None, None, :]
+        tokens = _token_ids(plan, num_groups, group_size)
+    else:
+        rows, tokens = plan.expert * (num_groups * c) + g_idx + plan.slot, None
+    return tokens, jnp.where(plan.kept, rows, e * num_groups * c)
+
+
+@jax.custom_vjp
+def einsum_combine_weighted(ye: Array, weight: Array, support: tuple, token_row: Array, buffer_row: Array) -> Array:
+    """``einsum_combine(ye, combine_mask)`` with the combine mask built from the routing weights, and a
+    backward that gets the weights' gradient without a ``[G, S, E, C]`` einsum.
+
+    Autodiff of the plain combine computes ``d combine[g,s,e,c] = <dy[g,s], ye[e,g,c]>`` for all ``G*S*E*C``
+    entries (an einsum as large as the combine itself, which would be the dispatcher's fifth ``[G,S,E,C]``
+    einsum) and then reads back only the ``K`` entries per token that the one-hot masks select. Here the
+    backward gathers exactly those: ``d weight = <dy[token], ye[buffer_row]>`` (0 where not kept), ``M*D``
+    multiply-adds for the ``M`` assignments. ``d ye`` is the transposed einsum, as before; ``support``,
+    ``token_row`` and ``buffer_row`` (``_einsum_support``, ``_einsum_rows``) carry no gradient.
+    """
+    return einsum_combine(ye, _einsum_mask(support, weight, ye.dtype))
+
+
+def _combine_weighted_fwd(ye, weight, support, token_row, buffer_row):
+    # the mask is rebuilt in the backward from its one-hot factors (``K * (E + C)`` per token, not ``E * C``)
+    return einsum_combine(ye, _einsum_mask(support, weight, ye.dtype)), (ye, weight, support, token_row, buffer_row)
+
+
+def _combine_weighted_bwd(res, dy):
+    ye, weight, support, token_row, buffer_row = res
+    mask = _einsum_mask(support, weight, ye.dtype)
+    e, gc, d = ye.shape
+    dye = jnp.einsum("gsec,gsd->egcd", mask, dy.astype(mask.dtype)).reshape(e, gc, d).astype(ye.dtype)
+    rows = _gather_rows(ye.reshape(e * gc, d), buffer_row.reshape(-1))  # [M, D]; 0 where dropped
+    if token_row is None:  # token choice: weight [G, S, K], assignment (g, s, k) -> token (g, s)
+        dweight = jnp.einsum("gskd,gsd->gsk", rows.reshape(weight.shape + (d,)), dy,
+                             preferred_element_type=jnp.float32)
+    else:
+        dweight = jnp.einsum("md,md->m", rows, dy.reshape(-1, d)[token_row.reshape(-1)],
+                             preferred_element_type=jnp.float32).reshape(weight.shape)
+    dweight = dweight.astype(weight.dtype)
+    return dye, dweight, None, None, None
+
+
+einsum_combine_weighted.defvjp(_combine_weighted_fwd, _combine_weighted_bwd)
 
 
 # ----------------------------------------------------------------------------------------------- scatter
@@ -433,9 +501,11 @@ def run_einsum(x, decision, experts, capacity, slot_order="choice_major", **_) -
     if decision.kind == "soft":
         return run_soft(x, decision, experts)
     plan = make_capacity_plan(decision, capacity, slot_order)
-    dispatch_mask, combine_mask = einsum_masks(plan, x.shape[1], x.dtype)
-    ye = experts(einsum_dispatch(x, dispatch_mask))
-    return DispatchResult(einsum_combine(ye, combine_mask), plan.kept, capacity)
+    g, s = x.shape[:2]
+    support = _einsum_support(plan, s, x.dtype)
+    ye = experts(einsum_dispatch(x, _einsum_mask(support, None, x.dtype)))
+    y = einsum_combine_weighted(ye, plan.weight, support, *_einsum_rows(plan, g, s))
+    return DispatchResult(y, plan.kept, capacity)
 
 
 def run_scatter(x, decision, experts, capacity, slot_order="choice_major", filled_only=False, **_) -> DispatchResult:
