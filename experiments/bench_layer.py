@@ -18,7 +18,8 @@ Rows (``--dispatchers``):
 * ``einsum_seq``: one-hot einsum with one group per sequence (``group_size=None``, S = L);
 * ``einsum_autodiff``: ``einsum`` as it was before session 7, for an A/B in one process: plain autodiff of the
   combine einsum, whose backward spends a fifth ``[G,S,E,C]`` einsum on the routing weights' gradient
-  (``dispatch.einsum_combine_weighted`` gathers it instead);
+  (``dispatch.einsum_combine_weighted`` gathers it instead), and the products as ``jnp.einsum`` (XLA:CPU then
+  transposes D into the minor position of the ``[E, G*C, D]`` buffers; ``dispatch.einsum_dispatch`` avoids it);
 * ``scatter``: the capacity buffer (gathers), groups of one sequence, ``capacity_compute='auto'`` (on CPU
   'filled': each expert runs on its filled rows only, ``BatchedExperts(x, rows_used)``);
 * ``scatter_full``: the same with ``capacity_compute='full'`` (one batched matmul over all ``G*C`` rows);
@@ -192,11 +193,14 @@ def main(argv=None):
         return MoEConfig(**kw)
 
     def run_einsum_autodiff(x, decision, experts, capacity, slot_order="choice_major", **_):
-        # the einsum dispatcher with autodiff through both masks (before session 7): row einsum_autodiff
+        # the einsum dispatcher as it was before session 7 (row einsum_autodiff): autodiff through both masks,
+        # and the einsums written as jnp.einsum (XLA:CPU put D before E*C in their outputs)
         plan = dispatch.make_capacity_plan(decision, capacity, slot_order)
         dispatch_mask, combine_mask = dispatch.einsum_masks(plan, x.shape[1], x.dtype)
-        ye = experts(dispatch.einsum_dispatch(x, dispatch_mask))
-        return dispatch.DispatchResult(dispatch.einsum_combine(ye, combine_mask), plan.kept, capacity)
+        g, _, e, c = dispatch_mask.shape
+        ye = experts(jnp.einsum("gsec,gsd->egcd", dispatch_mask, x).reshape(e, g * c, x.shape[-1]))
+        y = jnp.einsum("gsec,egcd->gsd", combine_mask, ye.reshape(e, g, c, ye.shape[-1]))
+        return dispatch.DispatchResult(y, plan.kept, capacity)
 
     def build_moe(cfg):
         layer = MoELayer(cfg, dtype=dtype)

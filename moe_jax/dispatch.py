@@ -182,17 +182,27 @@ def einsum_group_size(seq_len: int, num_experts: int, k: int, hidden: int) -> in
     return max(s for s in range(1, min(seq_len, limit) + 1) if seq_len % s == 0)
 
 
+# Both products are written as ``dot_general`` with the mask as the left operand, so that the product's natural
+# output is ``[G, E*C, D]`` (D minor) and the change to the experts' ``[E, G*C, D]`` is a transpose of whole
+# D-rows. ``jnp.einsum('gsec,gsd->egcd')`` let XLA:CPU emit ``[G, D, E*C]`` and then transpose D into the minor
+# position, element by element: about 12 ms per transpose at E=64, T=8192, D=512, three of them per step
+# (docs/perf.md, session 7).
+
+
 def einsum_dispatch(x: Array, dispatch_mask: Array) -> Array:
     """``x[G, S, D]``, mask ``[G, S, E, C]`` -> ``[E, G*C, D]``."""
     g, s, e, c = dispatch_mask.shape
-    xe = jnp.einsum("gsec,gsd->egcd", dispatch_mask, x)  # [E, G, C, D]
-    return xe.reshape(e, g * c, x.shape[-1])
+    d = x.shape[-1]
+    xg = jax.lax.dot_general(dispatch_mask.reshape(g, s, e * c), x, (((1,), (1,)), ((0,), (0,))))  # [G, E*C, D]
+    return jnp.transpose(xg.reshape(g, e, c, d), (1, 0, 2, 3)).reshape(e, g * c, d)
 
 
 def einsum_combine(ye: Array, combine_mask: Array) -> Array:
     """``ye[E, G*C, D]``, combine ``[G, S, E, C]`` -> ``[G, S, D]``."""
     g, s, e, c = combine_mask.shape
-    return jnp.einsum("gsec,egcd->gsd", combine_mask, ye.reshape(e, g, c, ye.shape[-1]))
+    d = ye.shape[-1]
+    yg = jnp.transpose(ye.reshape(e, g, c, d), (1, 0, 2, 3)).reshape(g, e * c, d)
+    return jax.lax.dot_general(combine_mask.reshape(g, s, e * c), yg, (((2,), (1,)), ((0,), (0,))))  # [G, S, D]
 
 
 def _einsum_rows(plan: CapacityPlan, num_groups: int, group_size: int) -> tuple:
@@ -233,7 +243,7 @@ def _combine_weighted_bwd(res, dy):
     ye, weight, support, token_row, buffer_row = res
     mask = _einsum_mask(support, weight, ye.dtype)
     e, gc, d = ye.shape
-    dye = jnp.einsum("gsec,gsd->egcd", mask, dy.astype(mask.dtype)).reshape(e, gc, d).astype(ye.dtype)
+    dye = einsum_dispatch(dy.astype(mask.dtype), mask).astype(ye.dtype)  # the combine's transpose: [E, G*C, D]
     rows = _gather_rows(ye.reshape(e * gc, d), buffer_row.reshape(-1))  # [M, D]; 0 where dropped
     if token_row is None:  # token choice: weight [G, S, K], assignment (g, s, k) -> token (g, s)
         dweight = jnp.einsum("gskd,gsd->gsk", rows.reshape(weight.shape + (d,)), dy,
