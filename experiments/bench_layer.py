@@ -113,9 +113,10 @@ def parse_args(argv=None):
                    help="JSON file of the 'gmm' kernels' tiles, {'fwd': {...}, 'dw': {...}} (bench_gmm.py --json)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after timing, trace 3 calls of every row with jax.profiler into DIR/<row>/ and print the "
-                        "device time per call by kernel (GPU) or by XLA op (CPU, a dry run: ops nested in loops "
-                        "count in their parents too), grouped: ragged GEMM kernels, other GEMMs, sorts, the rest; "
-                        "and the idle time between kernels")
+                        "device time per call by kernel (GPU) or by XLA op (CPU: exclusive time, the ops inside a "
+                        "loop not counted again in it; add --xla_cpu_enable_xprof_traceme=true to XLA_FLAGS), "
+                        "grouped: ragged GEMM kernels, other GEMMs, sorts, buffer writes, slices, fills, "
+                        "transposes, gathers, the rest; and the idle time between kernels")
     p.add_argument("--no-pin", action="store_true", help="do not set single-thread XLA CPU flags")
     p.add_argument("--host-malloc", default=None, choices=["keep", "default"],
                    help="'keep' (default): glibc keeps freed memory for the next call (moe_jax.hostmem); "
@@ -360,13 +361,46 @@ def kernel_group(name: str) -> str:
         return "other GEMMs (cuBLAS / XLA dots)"
     if "sort" in low or "cub::" in low or "radix" in low:
         return "sorts"
-    return "the rest (fusions, gathers, copies, reductions)"
+    # XLA fusions are named after their ops (CPU: `bitcast_dynamic-update-slice_fusion`, `wrapped_broadcast`)
+    if "dynamic-update-slice" in low:
+        return "writes into buffers (dynamic-update-slice)"
+    if "dynamic-slice" in low:
+        return "slices copied out (dynamic-slice)"
+    if "broadcast" in low:
+        return "fills (broadcast)"
+    if "transpose" in low:
+        return "transposes"
+    if "gather" in low:
+        return "gathers"
+    return "the rest (fusions, copies, reductions, loops)"
+
+
+def exclusive_times(events, top_level=None):
+    """``{name: exclusive ns}`` of the ``(start_ns, end_ns, name)`` events of one trace line: an event nested
+    inside another (on CPU, the ops inside a ``while`` or ``cond``) is subtracted from its parent, so that a
+    loop's time is not counted twice. ``top_level``: a list that gets the ``(start, end)`` of the events nested
+    in no other (for the idle gaps between them)."""
+    from collections import defaultdict
+
+    out = defaultdict(int)
+    stack = []
+    for start, end, name in sorted(events, key=lambda v: (v[0], -v[1])):
+        while stack and stack[-1][1] <= start:
+            stack.pop()
+        if stack:
+            out[stack[-1][2]] -= end - start
+        elif top_level is not None:
+            top_level.append((start, end))
+        out[name] += end - start
+        stack.append((start, end, name))
+    return dict(out)
 
 
 def profile_row(jax, path, fn, fargs, block, calls=3):
     """Trace ``calls`` calls of ``fn`` into ``path`` and print the device time per call: the 12 largest kernels
-    and the totals per ``kernel_group``. GPU: the kernels on the device plane's stream lines; CPU (a dry run):
-    the XLA ops on the host plane's XLA threads."""
+    and the totals per ``kernel_group``. GPU: the kernels on the device plane's stream lines; CPU: the XLA ops on
+    the host plane's XLA threads (run with ``--xla_cpu_enable_xprof_traceme=true`` in ``XLA_FLAGS`` to see them),
+    each op's exclusive time (the ops inside a ``while`` or ``cond`` are not counted again in it)."""
     import glob
     from collections import defaultdict
 
@@ -391,11 +425,13 @@ def profile_row(jax, path, fn, fargs, block, calls=3):
                 continue
             if not device_planes and "xla" not in line.name.lower():
                 continue
-            for ev in line.events:
-                if ev.duration_ns > 0 and not ev.name.startswith(("ThreadpoolListener", "end: ", "ThunkExecutor")):
-                    per_name[ev.name] += ev.duration_ns / 1e6 / calls
-                    counts[ev.name] += 1
-                    spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+            events = [(ev.start_ns, ev.start_ns + ev.duration_ns, ev.name) for ev in line.events
+                      if ev.duration_ns > 0
+                      and not ev.name.startswith(("ThreadpoolListener", "end: ", "ThunkExecutor"))]
+            for name, ns in exclusive_times(events, spans).items():
+                per_name[name] += ns / 1e6 / calls
+            for _, _, name in events:
+                counts[name] += 1
     total = sum(per_name.values())
     groups = defaultdict(float)
     for name, ms in per_name.items():
