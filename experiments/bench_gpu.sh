@@ -7,6 +7,9 @@
 #      bar, with each row's device time split by kernel (--profile);
 #   3. bench_model.py: train-step tokens/s of a small LM, dense against MoE;
 #   4. bench_layer.py, the CPU table's shape (T=8192, D=512, F=1024), every E, K=2 and 1.
+# Optional (not in the default STEPS; add it with STEPS="... layer_large_bf16w"): the large shape again with
+# bfloat16 weights (--param-dtype bfloat16), i.e. without the per-step float32 -> bfloat16 weight casts that
+# cost 1.5 ms of the E=64 row in session 6.
 # Each step has its own time limit, so that one slow step cannot starve the rest. The layer steps time 5
 # back-to-back calls per sample (--calls 5; session 6's call, in docs/perf.md, synced after every call).
 set -u
@@ -46,3 +49,6 @@ step model 120 $PY experiments/bench_model.py --no-pin --dtype bfloat16 --batch 
 step layer_small 200 $PY experiments/bench_layer.py --no-pin --dtype bfloat16 --matmul --experts 8,16,32,64 \
   --k 2,1 --dispatchers scatter,$GMM_ROWS,einsum --repeats 10 --warmup 2 --calls 5 --json "$OUT/layer_small.json" \
   "${TILING[@]}"
+step layer_large_bf16w 150 $PY experiments/bench_layer.py --no-pin --dtype bfloat16 --param-dtype bfloat16 --matmul \
+  --tokens 65536 --seq-len 2048 --d-model 1024 --hidden 4096 --experts 8,64 --k 2 --dispatchers scatter,$GMM_ROWS \
+  --repeats 10 --warmup 2 --calls 5 --json "$OUT/layer_large_bf16w.json" "${TILING[@]}"

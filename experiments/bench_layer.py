@@ -86,6 +86,10 @@ def parse_args(argv=None):
                         "CPU, all on GPU/TPU)")
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the FFN and expert weights (the router's stay float32). float32 (the default) "
+                        "is mixed precision with --dtype bfloat16: every step casts the weights to bfloat16 "
+                        "and their gradients back, a cost that grows with E*D*F; bfloat16 leaves the casts out")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (medians are reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per function after compiling")
     p.add_argument("--calls", type=int, default=1,
@@ -203,9 +207,19 @@ def main(argv=None):
         y = jnp.einsum("gsec,egcd->gsd", combine_mask, ye.reshape(e, g, c, ye.shape[-1]))
         return dispatch.DispatchResult(y, plan.kept, capacity)
 
+    param_dtype = jnp.bfloat16 if args.param_dtype == "bfloat16" else jnp.float32
+
+    def cast_params(params):
+        # --param-dtype: every weight but the router's (which computes in float32 whatever the model's dtype)
+        flat = jax.tree_util.tree_flatten_with_path(params)
+        leaves = [v if any(getattr(k, "key", None) == "router" for k in path) else v.astype(param_dtype)
+                  for path, v in flat[0]]
+        return jax.tree_util.tree_unflatten(flat[1], leaves)
+
     def build_moe(cfg):
         layer = MoELayer(cfg, dtype=dtype)
         params = jax.jit(lambda x: layer.init({"params": kp, "router": kp}, x, train=True)["params"])(x)
+        params = cast_params(params)
 
         def loss(params, x):
             y, stats = layer.apply({"params": params}, x, train=True, rngs={"router": kp})
@@ -221,7 +235,7 @@ def main(argv=None):
         xe = jax.random.normal(kx, (e, rows, d), jnp.float32).astype(dtype)
         re = jax.random.normal(kr, (e, rows, d), jnp.float32).astype(dtype)
         experts = BatchedExperts(e, d, f, activation="gelu", dtype=dtype)
-        params = experts.init(kp, xe)["params"]
+        params = cast_params(experts.init(kp, xe)["params"])
 
         def loss(params, xe):
             return jnp.sum((experts.apply({"params": params}, xe) * re).astype(jnp.float32))
@@ -230,7 +244,7 @@ def main(argv=None):
 
     def build_dense(k):
         ffn = DenseFFN(k * f, activation="gelu", dtype=dtype)
-        params = ffn.init(kp, x)["params"]
+        params = cast_params(ffn.init(kp, x)["params"])
 
         def loss(params, x):
             return jnp.sum((ffn.apply({"params": params}, x) * r).astype(jnp.float32))
@@ -257,7 +271,8 @@ def main(argv=None):
 
     dev = jax.devices()[0]
     machine = f"{backend}: {getattr(dev, 'device_kind', '')}, {platform.processor() or platform.machine()}"
-    print(f"# bench_layer: T={t} L={l} D={d} F={f} dtype={args.dtype} cf={args.capacity_factor} "
+    print(f"# bench_layer: T={t} L={l} D={d} F={f} dtype={args.dtype} param_dtype={args.param_dtype} "
+          f"cf={args.capacity_factor} "
           f"repeats={args.repeats} calls={args.calls}; jax {jax.__version__}; {machine}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
           f"affinity={sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}; "
           f"dispatch.default_dispatcher()={dispatch.default_dispatcher()!r}; host malloc: {host_malloc}", flush=True)
