@@ -65,8 +65,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(0, _ROOT)
 
-DISPATCHERS = ("einsum", "einsum_seq", "einsum_autodiff", "scatter", "scatter_full", "dropless", "grouped", "ragged_dot", "blocks",
-               "gmm", "gmm_jax", "gmm_ws")
+DISPATCHERS = ("einsum", "einsum_seq", "einsum_autodiff", "scatter", "scatter_full", "dropless", "grouped",
+               "ragged_dot", "blocks", "gmm", "gmm_jax", "gmm_ws")
 CPU_DEFAULT = ("einsum", "scatter", "scatter_full", "dropless")
 ACCEL_DEFAULT = ("einsum", "einsum_seq", "scatter", "grouped", "ragged_dot", "blocks", "gmm")
 
