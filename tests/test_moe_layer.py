@@ -410,3 +410,37 @@ def test_readme_example_inside_a_model():
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert np.all(np.isfinite(g)), path
         assert np.abs(g).sum() > 0, f"no gradient for {jax.tree_util.keystr(path)}"
+
+
+def test_bfloat16_einsum_gradients_match_scatter():
+    """In bfloat16 the einsum's custom backward (routing weights' gradient gathered, float32 dot products)
+    gives the gradients of the scatter path, with drops (cf 0.5), in the parameters' float32 dtype."""
+    base = dict(num_experts=4, k=2, router="mixtral", expert_hidden=16, capacity_factor=0.5,
+                slot_order="token_major", router_init_std=1.0)
+    cfgs = {name: MoEConfig(dispatcher=name, **base) for name in ("einsum", "scatter")}
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8))
+    r = jax.random.normal(jax.random.key(4), (2, 8, 8))
+    params = make_params(cfgs["einsum"], 8)
+
+    @jax.jit
+    def grads(params, x):
+        def loss(name):
+            def f(p, x):
+                y, stats = MoELayer(cfgs[name], dtype=jnp.bfloat16).apply({"params": p}, x.astype(jnp.bfloat16),
+                                                                          train=True)
+                return jnp.sum(y.astype(jnp.float32) * r), stats.metrics["drop_fraction"]
+            return jax.grad(f, argnums=(0, 1), has_aux=True)(params, x)
+        return {name: loss(name) for name in cfgs}
+
+    out = grads(params, x)
+    (g_e, drop_e), (g_s, drop_s) = out["einsum"], out["scatter"]
+    assert float(drop_e) > 0 and float(drop_e) == float(drop_s)
+    flat_e, flat_s = jax.tree.leaves_with_path(g_e), jax.tree.leaves_with_path(g_s)
+    assert [p for p, _ in flat_e] == [p for p, _ in flat_s]
+    for (path, a), (_, b) in zip(flat_e, flat_s):
+        assert a.dtype == b.dtype, path
+        scale = float(jnp.abs(b).max())
+        assert scale > 0, path  # every gradient, the router's included, is reached
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=0.03 * scale,
+                                   err_msg=str(path))
+    assert g_e[0]["router"]["gate"]["kernel"].dtype == jnp.float32
