@@ -209,14 +209,11 @@ def _einsum_rows(plan: CapacityPlan, num_groups: int, group_size: int) -> tuple:
     """``(token_row, buffer_row)`` of every assignment (shape of ``plan.kept``) in the einsum layout: token
     ``g*S + s``, buffer row ``e*G*C + g*C + c`` of ``ye[E, G*C, D]``, ``E*G*C`` (a zero row) where not kept.
     Token choice: ``token_row`` is None (assignment ``[g, s, k]`` belongs to token ``g*S + s``)."""
+    if plan.kind == "expert_choice":  # the scatter buffer's rows are the einsum's
+        return _token_ids(plan, num_groups, group_size), _buffer_rows(plan, num_groups)
     c, e = plan.capacity, plan.num_experts
-    g_idx = jnp.arange(num_groups)[:, None, None] * c
-    if plan.kind == "expert_choice":
-        rows = jnp.arange(e)[None, :, None] * (num_groups * c) + g_idx + jnp.arange(c)[None, None, :]
-        tokens = _token_ids(plan, num_groups, group_size)
-    else:
-        rows, tokens = plan.expert * (num_groups * c) + g_idx + plan.slot, None
-    return tokens, jnp.where(plan.kept, rows, e * num_groups * c)
+    rows = plan.expert * (num_groups * c) + jnp.arange(num_groups)[:, None, None] * c + plan.slot
+    return None, jnp.where(plan.kept, rows, e * num_groups * c)
 
 
 @jax.custom_vjp
