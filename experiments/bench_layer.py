@@ -118,7 +118,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after timing, trace 3 calls of every row with jax.profiler into DIR/<row>/ and print the "
                         "device time per call by kernel (GPU) or by XLA op (CPU: exclusive time, the ops inside a "
-                        "loop not counted again in it; add --xla_cpu_enable_xprof_traceme=true to XLA_FLAGS), "
+                        "loop not counted again in it; the script adds --xla_cpu_enable_xprof_traceme=true to the "
+                        "XLA_FLAGS it sets, add it yourself if you set XLA_FLAGS), "
                         "grouped: ragged GEMM kernels, other GEMMs, sorts, buffer writes, slices, fills, "
                         "transposes, gathers, the rest; and the idle time between kernels")
     p.add_argument("--no-pin", action="store_true", help="do not set single-thread XLA CPU flags")
@@ -136,6 +137,8 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.no_pin and "XLA_FLAGS" not in os.environ:
         os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        if args.profile:  # XLA:CPU names its ops in a trace only with this flag (no effect on GPU kernels)
+            os.environ["XLA_FLAGS"] += " --xla_cpu_enable_xprof_traceme=true"
     from moe_jax import hostmem
     host_malloc = hostmem.keep_freed_memory(args.host_malloc)  # before JAX's first computation
 
@@ -413,9 +416,10 @@ def exclusive_times(events, top_level=None):
 
 def profile_row(jax, path, fn, fargs, block, calls=3):
     """Trace ``calls`` calls of ``fn`` into ``path`` and print the device time per call: the 12 largest kernels
-    and the totals per ``kernel_group``. GPU: the kernels on the device plane's stream lines; CPU: the XLA ops on
-    the host plane's XLA threads (run with ``--xla_cpu_enable_xprof_traceme=true`` in ``XLA_FLAGS`` to see them),
-    each op's exclusive time (the ops inside a ``while`` or ``cond`` are not counted again in it)."""
+    and the totals per ``kernel_group``. GPU: the kernels on the device plane's stream lines. CPU: the XLA ops on
+    the host plane's XLA threads, each op's exclusive time (the ops inside a ``while`` or ``cond`` are not counted
+    again in it); they appear with ``--xla_cpu_enable_xprof_traceme=true`` in ``XLA_FLAGS``, which ``main`` adds
+    to the flags it sets."""
     import glob
     from collections import defaultdict
 
