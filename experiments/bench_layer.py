@@ -414,6 +414,24 @@ def exclusive_times(events, top_level=None):
     return dict(out)
 
 
+def hlo_op_names(hlo_text: str) -> dict:
+    """``{kernel name: JAX op name}`` from a compiled module's HLO text: each instruction's ``op_name``
+    metadata (for a fusion, that of its root: the JAX operation and its name stack, e.g.
+    ``jit(loss)/transpose(jvp(MoELayer))/router/.../scatter-add``). Keys are normalized the way GPU kernel names
+    are (``input_scatter_fusion.1`` -> ``input_scatter_fusion_1``), so a profile's kernel can be looked up with
+    ``normalize_kernel_name``."""
+    import re
+
+    out = {}
+    for m in re.finditer(r'^\s*(?:ROOT )?%([\w.\-]+) = [^\n]*?metadata=\{[^}\n]*?op_name="([^"]*)"', hlo_text, re.M):
+        out.setdefault(normalize_kernel_name(m.group(1)), m.group(2))
+    return out
+
+
+def normalize_kernel_name(name: str) -> str:
+    return name.replace(".", "_").replace("-", "_")
+
+
 def profile_row(jax, path, fn, fargs, block, calls=3):
     """Trace ``calls`` calls of ``fn`` into ``path`` and print the device time per call: the 12 largest kernels
     and the totals per ``kernel_group``. GPU: the kernels on the device plane's stream lines. CPU: the XLA ops on
@@ -471,10 +489,18 @@ def profile_row(jax, path, fn, fargs, block, calls=3):
     print("| group | ms per call | share |\n|---|---:|---:|")
     for name, ms in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {ms:.3f} | {100 * ms / max(total, 1e-12):.0f}% |")
-    print("| kernel | calls per call | ms per call | share |\n|---|---:|---:|---:|")
+    try:  # which JAX operation each kernel comes from (the compiled HLO's op_name metadata), and the HLO itself
+        hlo = fn.as_text()
+        with open(os.path.join(path, "hlo.txt"), "w") as fh:
+            fh.write(hlo)
+        op_names = hlo_op_names(hlo)
+    except Exception:  # noqa: BLE001  (not every backend or object has the text)
+        op_names = {}
+    print("| kernel | calls per call | ms per call | share | JAX op (HLO op_name) |\n|---|---:|---:|---:|---|")
     for name, ms in sorted(per_name.items(), key=lambda kv: -kv[1])[:12]:
-        print(f"| `{name[:90]}` | {counts[name] / calls:.0f} | {ms:.3f} | {100 * ms / max(total, 1e-12):.0f}% |",
-              flush=True)
+        op = op_names.get(normalize_kernel_name(name), "")
+        print(f"| `{name[:90]}` | {counts[name] / calls:.0f} | {ms:.3f} | {100 * ms / max(total, 1e-12):.0f}% | "
+              f"{'`' + op[-120:] + '`' if op else ''} |", flush=True)
     return dict(total_ms=total, groups=dict(groups), idle_ms=idle)
 
 

@@ -21,3 +21,23 @@ def test_profile_exclusive_times_subtract_nested_ops():
     assert top == [(0, 100), (120, 125)]
     # an event that starts exactly where the previous one ends is not nested in it
     assert bench["exclusive_times"]([(0, 10, "x"), (10, 20, "y")]) == {"x": 10, "y": 10}
+
+
+def test_profile_kernels_map_to_jax_ops():
+    """GPU kernels are named after their HLO fusion with '.' -> '_' (``input_scatter_fusion.1`` runs as
+    ``input_scatter_fusion_1``); the map reads each instruction's op_name metadata, and an instruction
+    without metadata (``%p``) is left out."""
+    bench = runpy.run_path(os.path.join(ROOT, "experiments", "bench_layer.py"))
+    hlo = "\n".join([
+        "ENTRY %main.3 (p: s32[8]) -> s32[8] {",
+        "  %p = s32[8]{0} parameter(0)",
+        '  %input_scatter_fusion.1 = s32[8]{0} fusion(%p), kind=kInput, calls=%f, '
+        'metadata={op_name="jit(loss)/jvp(MoELayer)/scatter" stack_frame_id=3}',
+        '  ROOT %loop_gather-select_fusion = s32[8]{0} fusion(%input_scatter_fusion.1), kind=kLoop, '
+        'metadata={op_name="jit(loss)/router/gather"}',
+        "}",
+    ])
+    names = bench["hlo_op_names"](hlo)
+    assert names == {"input_scatter_fusion_1": "jit(loss)/jvp(MoELayer)/scatter",
+                     "loop_gather_select_fusion": "jit(loss)/router/gather"}
+    assert names[bench["normalize_kernel_name"]("input_scatter_fusion.1")] == "jit(loss)/jvp(MoELayer)/scatter"
