@@ -216,7 +216,17 @@ def _rows_t_matmul(u, v):
     with the transpose copied out (``[F, r]``, small next to the product; the barrier keeps XLA from folding
     the transpose back into the dot) as a YNNPACK fusion: the E=64, K=1 `scatter` layer measured 745 -> 707 ms
     (docs/perf.md, Session 4), with bit-identical gradients.
+
+    XLA:CPU's transpose is 2-7x slower per byte when the transposed rows are a multiple of 128 values long
+    (``r % 128 == 0``; jax 0.10.2: ``[1024, 1024]`` 7.6 ms against 1.4 ms for ``[1040, 1024]``), which is
+    every chunk of the dropless loop at E=8 and a full capacity buffer at some E. Such products run as
+    ``r - 16`` rows through the transpose plus the last 16 as a plain dot (r=1024, F=1024, D=512: 11.9 ms
+    against 17.3; docs/perf.md, Session 7).
     """
+    r = u.shape[0]
+    if r > 128 and r % 128 == 0:
+        q = r - 16
+        return jax.lax.optimization_barrier(u[:q].T) @ v[:q] + u[q:].T @ v[q:]
     return jax.lax.optimization_barrier(u.T) @ v
 
 

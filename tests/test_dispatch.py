@@ -377,3 +377,15 @@ def test_sorted_counts_are_the_rows_of_each_expert():
     # random keys: the same as bincount
     rand = jnp.sort(jax.random.randint(jax.random.key(0), (257,), 0, 9))
     np.testing.assert_array_equal(dispatch.sorted_counts(rand, 8), jnp.bincount(rand, length=9)[:8])
+
+
+@pytest.mark.parametrize("rows", [100, 256, 384])
+def test_rows_t_matmul_is_the_weight_gradient_product(rows):
+    """``experts._rows_t_matmul(u, v) == u.T @ v``, also where it splits the rows (a multiple of 128: the
+    first r - 16 through a materialized transpose, the last 16 as a plain dot)."""
+    from moe_jax.experts import _rows_t_matmul
+
+    rng = np.random.default_rng(rows)
+    u, v = rng.normal(size=(rows, 24)).astype(np.float32), rng.normal(size=(rows, 8)).astype(np.float32)
+    got = np.asarray(jax.jit(_rows_t_matmul)(u, v))
+    np.testing.assert_allclose(got, u.astype(np.float64).T @ v, rtol=1e-4, atol=1e-4)

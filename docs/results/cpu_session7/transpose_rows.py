@@ -1,0 +1,28 @@
+"""Scratch probe behind docs/perf.md (Session 7, item 3): XLA:CPU transpose of r x F rows (the fused GELU
+scale and dynamic slice of the backward loop, as in its HLO), ms per MiB, for row counts r around multiples of
+128.
+
+    taskset -c 0 python docs/results/cpu_session7/transpose_rows.py
+"""
+import os, time
+os.environ["XLA_FLAGS"]="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+from moe_jax import hostmem; hostmem.keep_freed_memory("keep")
+import jax, jax.numpy as jnp, numpy as np
+def bench(f,*a,n=10):
+    jax.block_until_ready(f(*a)); ts=[]
+    for _ in range(5):
+        t=time.perf_counter()
+        for _ in range(n): y=f(*a)
+        jax.block_until_ready(y); ts.append((time.perf_counter()-t)/n)
+    return np.median(ts)*1e3
+for F in (1024,512):
+  h=jax.random.normal(jax.random.key(0),(10240,F))
+  out=[]
+  for r in (128,144,256,272,384,512,528,640,768,784,1024,1040,1280,1536,1552,2048,2064):
+    p0=jax.random.normal(jax.random.key(1),(r,F))
+    def f(p0,h,i):
+        hs=jax.lax.dynamic_slice_in_dim(h,i,r)
+        return jax.lax.optimization_barrier((hs*((p0+1)*0.5)).T)
+    t=bench(jax.jit(f),p0,h,1333)
+    out.append(f"{r}:{t/(r*F*4/2**20):.2f}")
+  print("F",F,"ms per MiB:"," ".join(out))
