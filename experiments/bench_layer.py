@@ -55,6 +55,7 @@ that glibc reuses freed memory instead of page-faulting every large buffer afres
 line says which policy ran.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -210,6 +211,24 @@ def main(argv=None):
         y = jnp.einsum("gsec,egcd->gsd", combine_mask, ye.reshape(e, g, c, ye.shape[-1]))
         return dispatch.DispatchResult(y, plan.kept, capacity)
 
+    @contextlib.contextmanager
+    def traced_as(name):
+        # what a row changes while it is traced: einsum_autodiff swaps the registered einsum dispatcher,
+        # gmm_jax / gmm_ws set the forward kernel's tiling (both are read at trace time)
+        if name == "einsum_autodiff":
+            saved = dispatch.DISPATCHERS["einsum"]
+            dispatch.DISPATCHERS["einsum"] = run_einsum_autodiff
+            try:
+                yield
+            finally:
+                dispatch.DISPATCHERS["einsum"] = saved
+        else:
+            old = gmm.set_tiling(fwd=fwd_tiling[name])
+            try:
+                yield
+            finally:
+                gmm.set_tiling(**old)
+
     param_dtype = jnp.bfloat16 if args.param_dtype == "bfloat16" else jnp.float32
 
     def cast_params(params):
@@ -301,22 +320,13 @@ def main(argv=None):
                 try:
                     fn, params, drop_fn = build_moe(cfg)
                     drop = float(drop_fn(params, x))
-                    if name == "einsum_autodiff":  # the dispatcher is looked up when tracing: compile now
-                        saved = dispatch.DISPATCHERS["einsum"]
-                        dispatch.DISPATCHERS["einsum"] = run_einsum_autodiff
-                        try:
-                            fn = fn.lower(params, x).compile()
-                        finally:
-                            dispatch.DISPATCHERS["einsum"] = saved
-                    if name in fwd_tiling:  # the tiling is read when tracing: compile under it now
-                        old = gmm.set_tiling(fwd=fwd_tiling[name])
-                        try:
+                    if name == "einsum_autodiff" or name in fwd_tiling:  # read when tracing: compile now
+                        with traced_as(name):
                             t0 = time.perf_counter()
                             fn = fn.lower(params, x).compile()
-                            print(f"  compiled {name:10s} E={e} K={k} ({fwd_tiling[name]}): "
-                                  f"{time.perf_counter() - t0:.1f}s", flush=True)
-                        finally:
-                            gmm.set_tiling(**old)
+                        what = fwd_tiling.get(name, "the einsum before session 7")
+                        print(f"  compiled {name:10s} E={e} K={k} ({what}): {time.perf_counter() - t0:.1f}s",
+                              flush=True)
                 except Exception as err:  # noqa: BLE001  (report and go on)
                     print(f"skip {name} E={e} K={k}: {type(err).__name__}: {err}", flush=True)
                     continue

@@ -228,7 +228,7 @@ def einsum_combine_weighted(ye: Array, weight: Array, support: tuple, token_row:
     multiply-adds for the ``M`` assignments. ``d ye`` is the transposed einsum, as before; ``support``,
     ``token_row`` and ``buffer_row`` (``_einsum_support``, ``_einsum_rows``) carry no gradient.
     """
-    return einsum_combine(ye, _einsum_mask(support, weight, ye.dtype))
+    return _combine_weighted_fwd(ye, weight, support, token_row, buffer_row)[0]
 
 
 def _combine_weighted_fwd(ye, weight, support, token_row, buffer_row):
