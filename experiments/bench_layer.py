@@ -5,11 +5,14 @@
     taskset -c 0 python experiments/bench_layer.py --experts 8,64 --k 2 --dispatchers scatter
     python experiments/bench_layer.py --dtype bfloat16 --dispatchers scatter,dropless,ragged_dot  # on a GPU
 
-What is timed: ``jax.jit(jax.grad(loss))`` w.r.t. the layer's parameters and its input, where
+What is timed: ``jax.jit(jax.grad(loss, has_aux=True))`` w.r.t. the layer's parameters and its input, where
 ``loss = sum(y * R) + aux_loss`` for a fixed random ``R`` and ``y, stats = MoELayer(x, train=True)`` on
-``x [T/L, L, D]`` (router ``top_k``, no jitter, GELU experts, capacity factor ``--capacity-factor``). The
-baseline is ``DenseFFN`` of width ``K * F`` on the same ``x`` with ``loss = sum(y * R)``: the same useful
-(active) FLOPs, ``3 * 2 * 2 * T * D * K * F`` for forward + backward.
+``x [T/L, L, D]`` (router ``top_k``, no jitter, GELU experts, capacity factor ``--capacity-factor``); the
+function returns the gradients and ``y`` (``grad_of_loss``). The baseline is ``DenseFFN`` of width ``K * F`` on
+the same ``x`` with ``loss = sum(y * R)``: the same useful (active) FLOPs, ``3 * 2 * 2 * T * D * K * F`` for
+forward + backward. Returning ``y`` matters: without it (``--dead-output``, the tables before session 8) XLA
+drops the dense FFN's forward output product, which nothing reads when the loss is linear in y, and the
+baseline runs 5 of its 6 GEMMs.
 
 Rows (``--dispatchers``):
 
@@ -123,6 +126,12 @@ def parse_args(argv=None):
                         "XLA_FLAGS it sets, add it yourself if you set XLA_FLAGS), "
                         "grouped: ragged GEMM kernels, other GEMMs, sorts, buffer writes, slices, fills, "
                         "transposes, gathers, the rest; and the idle time between kernels")
+    p.add_argument("--dead-output", action="store_true",
+                   help="time the gradients only, not the layer's output y (the tables before session 8): the "
+                        "loss is linear in y, so XLA drops the dense FFN's forward output product and the dense "
+                        "baseline runs 5 of its 6 GEMMs; an MoE layer still computes its experts' outputs, which "
+                        "the routing weights' gradient reads. Default: y is an output of the timed function, as "
+                        "in a model whose next layer reads it")
     p.add_argument("--no-pin", action="store_true", help="do not set single-thread XLA CPU flags")
     p.add_argument("--host-malloc", default=None, choices=["keep", "default"],
                    help="'keep' (default): glibc keeps freed memory for the next call (moe_jax.hostmem); "
@@ -238,6 +247,9 @@ def main(argv=None):
                   for path, v in flat[0]]
         return jax.tree_util.tree_unflatten(flat[1], leaves)
 
+    def timed_grad(loss):
+        return grad_of_loss(jax, loss, args.dead_output)
+
     def build_moe(cfg):
         layer = MoELayer(cfg, dtype=dtype)
         params = jax.jit(lambda x: layer.init({"params": kp, "router": kp}, x, train=True)["params"])(x)
@@ -245,12 +257,12 @@ def main(argv=None):
 
         def loss(params, x):
             y, stats = layer.apply({"params": params}, x, train=True, rngs={"router": kp})
-            return jnp.sum((y * r).astype(jnp.float32)) + stats.aux_loss
+            return jnp.sum((y * r).astype(jnp.float32)) + stats.aux_loss, y
 
         def drop(params, x):
             return layer.apply({"params": params}, x, train=True, rngs={"router": kp})[1].metrics["drop_fraction"]
 
-        return jax.jit(jax.grad(loss, argnums=(0, 1))), params, jax.jit(drop)
+        return timed_grad(loss), params, jax.jit(drop)
 
     def build_floor(e, k, rows):
         # the expert FFNs alone, forward + backward, on `rows` rows per expert
@@ -260,18 +272,20 @@ def main(argv=None):
         params = cast_params(experts.init(kp, xe)["params"])
 
         def loss(params, xe):
-            return jnp.sum((experts.apply({"params": params}, xe) * re).astype(jnp.float32))
+            ye = experts.apply({"params": params}, xe)
+            return jnp.sum((ye * re).astype(jnp.float32)), ye
 
-        return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, xe)
+        return timed_grad(loss), (params, xe)
 
     def build_dense(k):
         ffn = DenseFFN(k * f, activation="gelu", dtype=dtype)
         params = cast_params(ffn.init(kp, x)["params"])
 
         def loss(params, x):
-            return jnp.sum((ffn.apply({"params": params}, x) * r).astype(jnp.float32))
+            y = ffn.apply({"params": params}, x)
+            return jnp.sum((y * r).astype(jnp.float32)), y
 
-        return jax.jit(jax.grad(loss, argnums=(0, 1))), params
+        return timed_grad(loss), params
 
     def build_matmul(k):
         # one [T, D] x [D, 3*2*K*F] matmul = the dense FFN's forward+backward FLOPs in a single dot
@@ -378,6 +392,19 @@ def main(argv=None):
         with open(args.json, "w") as fh:
             json.dump(dict(args=vars(args), machine=machine, jax=jax.__version__, rows=rows), fh, indent=1)
     return rows
+
+
+def grad_of_loss(jax, loss, dead_output=False):
+    """The timed function of a row: ``jit`` of the gradients of ``loss(params, x) -> (scalar, y)`` w.r.t. params
+    and x, returning ``(grads, y)``, as in a model, whose next layer reads the FFN's output y.
+
+    ``dead_output=True`` (``--dead-output``, the tables before session 8): the gradients only. The loss is linear
+    in y, so nothing needs y itself and XLA drops the dense FFN's forward output product: the dense baseline
+    then runs 5 of the 6 GEMMs its FLOP count assumes, while an MoE layer still computes its experts' outputs
+    (the routing weights' gradient reads them). Every ratio to dense came out about 6/5 too large."""
+    if dead_output:
+        return jax.jit(jax.grad(lambda params, x: loss(params, x)[0], argnums=(0, 1)))
+    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
 
 
 def kernel_group(name: str) -> str:

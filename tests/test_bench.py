@@ -41,3 +41,39 @@ def test_profile_kernels_map_to_jax_ops():
     assert names == {"input_scatter_fusion_1": "jit(loss)/jvp(MoELayer)/scatter",
                      "loop_gather_select_fusion": "jit(loss)/router/gather"}
     assert names[bench["normalize_kernel_name"]("input_scatter_fusion.1")] == "jit(loss)/jvp(MoELayer)/scatter"
+
+
+def test_timed_function_keeps_the_dense_output_product():
+    """The layer benchmark times the gradients *and* y. A dense FFN y = gelu(x wi) wo with loss sum(y * r) needs
+    3 products per weight matrix, 6 in all: forward x wi and a wo; backward dy wo^T, a^T dy (d wo), dh wi^T,
+    x^T dh (d wi). But the loss is linear in y: the gradients never read y itself, so without y as an output
+    XLA drops the forward product a wo and runs 5 (``dead_output=True``, the tables before session 8), while an
+    MoE layer must compute its experts' outputs (the routing weights' gradient reads them)."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from moe_jax.experts import DenseFFN
+
+    bench = runpy.run_path(os.path.join(ROOT, "experiments", "bench_layer.py"))
+    ffn = DenseFFN(32)
+    x = jax.random.normal(jax.random.key(0), (16, 8))
+    r = jax.random.normal(jax.random.key(1), (16, 8))
+    params = ffn.init(jax.random.key(2), x)["params"]
+
+    def loss(p, x):
+        y = ffn.apply({"params": p}, x)
+        return jnp.sum(y * r), y
+
+    def dots(fn):
+        return len(re.findall(r" dot\(", fn.lower(params, x).compile().as_text()))
+
+    timed, dead = bench["grad_of_loss"](jax, loss), bench["grad_of_loss"](jax, loss, dead_output=True)
+    assert (dots(timed), dots(dead)) == (6, 5)
+    (grads, _), y = timed(params, x)
+    np.testing.assert_allclose(y, ffn.apply({"params": params}, x), rtol=1e-6)
+    # d loss / d wo = a^T r with a = gelu(x wi): the same gradients either way
+    np.testing.assert_allclose(grads["wo"], jax.nn.gelu(x @ params["wi"]).T @ r, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dead(params, x)[0]["wo"], grads["wo"], rtol=1e-6)
