@@ -308,7 +308,7 @@ def main(argv=None):
     dev = jax.devices()[0]
     machine = f"{backend}: {getattr(dev, 'device_kind', '')}, {platform.processor() or platform.machine()}"
     print(f"# bench_layer: T={t} L={l} D={d} F={f} dtype={args.dtype} param_dtype={args.param_dtype} "
-          f"cf={args.capacity_factor} "
+          f"cf={args.capacity_factor} timed={'gradients only (--dead-output)' if args.dead_output else 'gradients and y'} "
           f"repeats={args.repeats} calls={args.calls}; jax {jax.__version__}; {machine}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
           f"affinity={sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'}; "
           f"dispatch.default_dispatcher()={dispatch.default_dispatcher()!r}; host malloc: {host_malloc}", flush=True)
