@@ -402,7 +402,7 @@ def grad_of_loss(jax, loss, dead_output=False):
     in y, so nothing needs y itself and XLA drops the dense FFN's forward output product: the dense baseline
     then runs 5 of the 6 GEMMs its FLOP count assumes, while an MoE layer still computes its experts' outputs
     (the routing weights' gradient reads them). Every ratio to dense came out too large (on CPU the dense step
-    runs 14-17% longer with y returned; docs/perf.md, Session 8)."""
+    runs one GEMM more with y returned, about 1/6 of it; docs/perf.md, Session 8)."""
     if dead_output:
         return jax.jit(jax.grad(lambda params, x: loss(params, x)[0], argnums=(0, 1)))
     return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
