@@ -19,11 +19,11 @@ gelu = jax.nn.gelu
 xs = jax.random.normal(key, (E * C, D)); rs = jax.random.normal(jax.random.PRNGKey(1), (E * C, D))
 def dense(p, x, n):
     y = gelu(x[:T] @ p["wi"]) @ p["wo"]; return jnp.sum(y * rs[:T]), y
-def loop(n_fixed=None, chunk=C):
+def loop(n_fixed=None):
     def f(p, x, n):
         if n_fixed is not None:
             n = jnp.full(E, n_fixed, jnp.int32)
-        y = sorted_rows_ffn(x, n, p, "gelu", chunk, C); return jnp.sum(y * rs), y
+        y = sorted_rows_ffn(x, n, p, "gelu", C, C); return jnp.sum(y * rs), y
     return f
 cases = {
     "dense": (dense, {"wi": dwi, "wo": dwo}),
