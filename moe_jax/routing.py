@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from moe_jax import losses
-from moe_jax.experts import on_rows
+from moe_jax.experts import narrow_dot_general, on_rows
 
 Array = jax.Array
 
@@ -128,6 +128,7 @@ class Router(nn.Module):
             dtype=jnp.float32,
             param_dtype=jnp.float32,
             kernel_init=nn.initializers.normal(stddev=self.config.router_init_std),
+            dot_general=narrow_dot_general,  # E < D: the fast weight gradient on CPU (experts.narrow_matmul)
             name="gate",
         )
         return on_rows(gate, x.astype(jnp.float32))
@@ -273,7 +274,7 @@ class NoisyTopKRouter(Router):
         clean = self.logits(x)  # [G, S, E]
         noise_std = jax.nn.softplus(on_rows(
             nn.Dense(cfg.num_experts, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
-                     kernel_init=nn.initializers.zeros, name="noise"), x)
+                     kernel_init=nn.initializers.zeros, dot_general=narrow_dot_general, name="noise"), x)
         ) + cfg.noise_eps
         if train:
             noisy = clean + jax.random.normal(self.make_rng("router"), clean.shape) * noise_std

@@ -207,3 +207,54 @@ def test_router_computes_in_float32(name, k):
     assert dec.router_logits.dtype == jnp.float32
     assert dec.router_probs.dtype == jnp.float32
     assert dec.combine_weights.dtype == jnp.float32
+
+
+def test_narrow_matmul_gradients_by_hand():
+    # x[3, 2] @ w[2, 1] (E=1 < D=2), loss = sum(g * (x @ w)) with g = [1, 2, 3]:
+    #   dw = x^T g = [1*1 + 3*2 + 5*3, 2*1 + 4*2 + 6*3] = [22, 28];  dx = g w^T = [[1, -1], [2, -2], [3, -3]].
+    from moe_jax.experts import narrow_matmul
+    x = jnp.asarray([[1., 2.], [3., 4.], [5., 6.]])
+    w = jnp.asarray([[1.], [-1.]])
+    g = jnp.asarray([[1.], [2.], [3.]])
+    dx, dw = jax.grad(lambda x, w: jnp.sum(g * narrow_matmul(x, w)), argnums=(0, 1))(x, w)
+    np.testing.assert_array_equal(np.asarray(dw), [[22.], [28.]])
+    np.testing.assert_array_equal(np.asarray(dx), [[1., -1.], [2., -2.], [3., -3.]])
+    np.testing.assert_array_equal(np.asarray(narrow_matmul(x, w)), [[-1.], [-1.], [-1.]])
+
+
+def test_router_gate_gradients_match_the_plain_product(monkeypatch):
+    # The gate runs through experts.narrow_dot_general; its gradients (gate kernel and input) must equal those
+    # of the plain lax.dot_general, for a narrow gate (E=4 < D=16, narrow_matmul) and a wide one (E=16 > D=8,
+    # which falls through to lax.dot_general).
+    for d, e in [(16, 4), (8, 16)]:
+        cfg = MoEConfig(num_experts=e, k=2, router="top_k")
+        x = jax.random.normal(jax.random.key(0), (2, 8, d))
+        module = routing.get_router_class("top_k")(cfg)
+        params = module.init({"params": jax.random.key(1)}, x)["params"]
+
+        def loss(params, x):
+            dec = module.apply({"params": params}, x)
+            return jnp.sum(dec.combine_weights * jnp.arange(1.0, 3.0)) + jnp.sum(dec.router_logits ** 2)
+
+        got = jax.grad(loss, argnums=(0, 1))(params, x)
+        with monkeypatch.context() as m:
+            m.setattr(routing, "narrow_dot_general", jax.lax.dot_general)
+            want = jax.grad(loss, argnums=(0, 1))(params, x)
+        assert float(jnp.max(jnp.abs(got[0]["gate"]["kernel"]))) > 0
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+                     got, want)
+
+
+def test_narrow_matmul_weight_gradient_is_computed_as_e_by_d_on_cpu():
+    # The point of narrow_matmul: the compiled weight gradient is a dot into [E, D] (then a small transpose),
+    # not a dot into [D, E], which XLA:CPU runs 3-7x slower (docs/perf.md, Session 9). Without the barrier
+    # XLA folds the transpose back and the [E, D] dot disappears.
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks XLA:CPU's compiled dots")
+    from moe_jax.experts import narrow_matmul
+    x, w = jnp.ones((64, 32)), jnp.ones((32, 4))
+    for f, want in [(narrow_matmul, True), (jnp.matmul, False)]:
+        hlo = jax.jit(jax.grad(lambda w, x: jnp.sum(f(x, w) ** 2))).lower(w, x).compile().as_text()
+        dots = [line for line in hlo.splitlines() if " dot(" in line]
+        assert dots, hlo
+        assert any("f32[4,32]" in line.split(" dot(")[0] for line in dots) is want, dots
