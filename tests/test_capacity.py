@@ -63,8 +63,10 @@ _EXPERTS = np.array([[[0, 1], [0, 1], [1, 0], [0, 1]]], np.int32)  # [G=1, S=4, 
 _ALL_VALID = np.ones((1, 4, 2), bool)
 
 
-def test_assign_slots_choice_major():
-    slot = np.asarray(assign_slots(jnp.asarray(_EXPERTS), jnp.asarray(_ALL_VALID), 2, slot_order="choice_major"))
+@pytest.mark.parametrize("method", ["cumsum", "sort"])
+def test_assign_slots_choice_major(method):
+    slot = np.asarray(assign_slots(jnp.asarray(_EXPERTS), jnp.asarray(_ALL_VALID), 2, slot_order="choice_major",
+                                   method=method))
     # All first choices first, earlier tokens first:
     #   k=0: t0->e0 #0, t1->e0 #1, t2->e1 #0, t3->e0 #2
     #   k=1: t0->e1 #1, t1->e1 #2, t2->e0 #3, t3->e1 #3
@@ -76,32 +78,39 @@ def test_assign_slots_choice_major():
     np.testing.assert_array_equal(kept, [[[True, True], [True, False], [True, False], [False, False]]])
 
 
-def test_assign_slots_token_major():
-    slot = np.asarray(assign_slots(jnp.asarray(_EXPERTS), jnp.asarray(_ALL_VALID), 2, slot_order="token_major"))
+@pytest.mark.parametrize("method", ["cumsum", "sort"])
+def test_assign_slots_token_major(method):
+    slot = np.asarray(assign_slots(jnp.asarray(_EXPERTS), jnp.asarray(_ALL_VALID), 2, slot_order="token_major",
+                                   method=method))
     # Token by token, each token's choices in rank order:
     #   t0: e0 #0, e1 #0;  t1: e0 #1, e1 #1;  t2: e1 #2, e0 #2;  t3: e0 #3, e1 #3
     expected = np.array([[[0, 0], [1, 1], [2, 2], [3, 3]]])
     np.testing.assert_array_equal(slot, expected)
 
 
-def test_assign_slots_first_choices_before_second_choices():
+@pytest.mark.parametrize("method", ["cumsum", "sort"])
+def test_assign_slots_first_choices_before_second_choices(method):
     # E=2, K=2, C=1. t0 -> (e0, e1), t1 -> (e1, e0).
     # choice_major: k=0: t0->e0 #0, t1->e1 #0; k=1: t0->e1 #1 (dropped), t1->e0 #1 (dropped).
     #   The later token's first choice beats the earlier token's second choice.
     # token_major: t0->e0 #0, t0->e1 #0, t1->e1 #1 (dropped), t1->e0 #1 (dropped).
     idx = jnp.asarray([[[0, 1], [1, 0]]], jnp.int32)
     valid = jnp.ones((1, 2, 2), bool)
-    cm = np.asarray(assign_slots(idx, valid, 2, slot_order="choice_major"))
-    tm = np.asarray(assign_slots(idx, valid, 2, slot_order="token_major"))
+    cm = np.asarray(assign_slots(idx, valid, 2, slot_order="choice_major",
+                                   method=method))
+    tm = np.asarray(assign_slots(idx, valid, 2, slot_order="token_major",
+                                   method=method))
     np.testing.assert_array_equal(cm, [[[0, 1], [0, 1]]])
     np.testing.assert_array_equal(tm, [[[0, 0], [1, 1]]])
 
 
-def test_assign_slots_invalid_take_no_slot():
+@pytest.mark.parametrize("method", ["cumsum", "sort"])
+def test_assign_slots_invalid_take_no_slot(method):
     valid = _ALL_VALID.copy()
     valid[0, 1, :] = False  # t1 is padding
     valid[0, 2, 1] = False  # t2's second choice does not exist (dynamic k)
-    slot = np.asarray(assign_slots(jnp.asarray(_EXPERTS), jnp.asarray(valid), 2, slot_order="choice_major"))
+    slot = np.asarray(assign_slots(jnp.asarray(_EXPERTS), jnp.asarray(valid), 2, slot_order="choice_major",
+                                   method=method))
     # k=0: t0->e0 #0, t2->e1 #0, t3->e0 #1;  k=1: t0->e1 #1, t3->e1 #2
     assert slot[0, 0, 0] == 0 and slot[0, 2, 0] == 0 and slot[0, 3, 0] == 1
     assert slot[0, 0, 1] == 1 and slot[0, 3, 1] == 2
@@ -109,29 +118,56 @@ def test_assign_slots_invalid_take_no_slot():
     assert (slot[0, 1] > 4).all() and slot[0, 2, 1] > 4
 
 
-def test_assign_slots_groups_are_independent():
+@pytest.mark.parametrize("method", ["cumsum", "sort"])
+def test_assign_slots_groups_are_independent(method):
     # Two groups; group 1 is group 0 with tokens reversed. Slots count per group.
     idx = np.concatenate([_EXPERTS, _EXPERTS[:, ::-1]], axis=0)  # [2, 4, 2]
-    slot = np.asarray(assign_slots(jnp.asarray(idx), jnp.ones((2, 4, 2), bool), 2, slot_order="choice_major"))
+    slot = np.asarray(assign_slots(jnp.asarray(idx), jnp.ones((2, 4, 2), bool), 2, slot_order="choice_major",
+                                   method=method))
     np.testing.assert_array_equal(slot[0], [[0, 1], [1, 2], [0, 3], [2, 3]])
     # group 1 tokens: u0=(e0,e1) u1=(e1,e0) u2=(e0,e1) u3=(e0,e1)
     #   k=0: u0->e0 #0, u1->e1 #0, u2->e0 #1, u3->e0 #2; k=1: u0->e1 #1, u1->e0 #3, u2->e1 #2, u3->e1 #3
     np.testing.assert_array_equal(slot[1], [[0, 1], [0, 3], [1, 2], [2, 3]])
 
 
-def test_assign_slots_batch_priority():
+@pytest.mark.parametrize("method", ["cumsum", "sort"])
+def test_assign_slots_batch_priority(method):
     # K=1, all four tokens want e0. priority [0.1, 0.9, 0.5, 0.3] -> order t1, t2, t3, t0.
     idx = jnp.zeros((1, 4, 1), jnp.int32)
     prio = jnp.asarray([[0.1, 0.9, 0.5, 0.3]])
-    slot = np.asarray(assign_slots(idx, jnp.ones((1, 4, 1), bool), 2, priority=prio))
+    slot = np.asarray(assign_slots(idx, jnp.ones((1, 4, 1), bool), 2, priority=prio, method=method))
     np.testing.assert_array_equal(slot[0, :, 0], [3, 0, 1, 2])
     # K=2 with priority is still choice-major among the re-ordered tokens:
     #   order t1, t2, t3, t0. k=0: t1->e0 #0, t2->e1 #0, t3->e0 #1, t0->e0 #2
     #                        k=1: t1->e1 #1, t2->e0 #3, t3->e1 #2, t0->e1 #3
-    slot2 = np.asarray(assign_slots(jnp.asarray(_EXPERTS), jnp.asarray(_ALL_VALID), 2, priority=prio))
+    slot2 = np.asarray(assign_slots(jnp.asarray(_EXPERTS), jnp.asarray(_ALL_VALID), 2, priority=prio, method=method))
     np.testing.assert_array_equal(slot2[0], [[2, 3], [0, 1], [0, 3], [1, 2]])
 
 
 def test_assign_slots_rejects_unknown_order():
     with pytest.raises(ValueError, match="slot_order"):
         assign_slots(jnp.asarray(_EXPERTS), jnp.asarray(_ALL_VALID), 2, slot_order="random")
+    with pytest.raises(ValueError, match="method"):
+        assign_slots(jnp.asarray(_EXPERTS), jnp.asarray(_ALL_VALID), 2, method="scan")
+
+
+@pytest.mark.parametrize("slot_order", ["choice_major", "token_major"])
+@pytest.mark.parametrize("num_experts", [5, 40])  # 40 >= SORT_FROM_EXPERTS: 'auto' sorts
+def test_assign_slots_sort_equals_cumsum(slot_order, num_experts):
+    # The two ways of counting an assignment's rank within its expert agree on random routings with padding,
+    # missing ranks, ties in the priority, and experts that get nothing; 'auto' agrees with both.
+    rng = np.random.default_rng(num_experts)
+    g, s, k = 3, 24, 2
+    idx = jnp.asarray(rng.integers(0, num_experts, (g, s, k)), jnp.int32)
+    valid = jnp.asarray(rng.random((g, s, k)) < 0.8)
+    prio = jnp.asarray(rng.integers(0, 4, (g, s)).astype(np.float32))  # many ties: stable order decides
+    for priority in (None, prio):
+        got = {m: np.asarray(assign_slots(idx, valid, num_experts, priority, slot_order, method=m))
+               for m in ("cumsum", "sort", "auto")}
+        np.testing.assert_array_equal(got["sort"], got["cumsum"])
+        np.testing.assert_array_equal(got["auto"], got["cumsum"])
+        # and each expert's valid slots are exactly 0..n_e-1 within a group
+        for gi in range(g):
+            for e in range(num_experts):
+                mine = got["sort"][gi][np.asarray(valid[gi]) & (np.asarray(idx[gi]) == e)]
+                np.testing.assert_array_equal(np.sort(mine), np.arange(mine.size))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moe_jax import capacity as capacity_lib
 from moe_jax import dispatch
 from moe_jax import gmm as gmm_lib
 from moe_jax.experts import BatchedExperts
@@ -30,6 +31,7 @@ class Case:
     priority: bool = False
     glu: bool = True
     seed: int = 0
+    sort_slots: bool = False  # capacity.assign_slots counts slots by sorting (its 'auto' from 32 experts on)
 
 
 def _decision_arrays(case: Case, seed: int):
@@ -143,11 +145,14 @@ CAPACITY_CASES = [
     Case("tc_k2_token_major", k=2, slot_order="token_major", seed=2),
     Case("tc_k2_priority", k=2, priority=True, seed=3),  # batch-prioritized buffer order
     Case("expert_choice", kind="expert_choice", capacity=3, seed=4),
+    Case("tc_k2_token_major_priority_sorted", k=2, slot_order="token_major", priority=True, sort_slots=True, seed=3),
 ]
 
 
 @pytest.mark.parametrize("case", CAPACITY_CASES, ids=lambda c: c.name)
-def test_capacity_dispatchers_match_loop_reference(case):
+def test_capacity_dispatchers_match_loop_reference(case, monkeypatch):
+    if case.sort_slots:
+        monkeypatch.setattr(capacity_lib, "SORT_FROM_EXPERTS", 1)
     arrays, w0 = _decision_arrays(case, seed=case.seed)
     x, params = _inputs(case)
     w0 = jnp.asarray(w0)
