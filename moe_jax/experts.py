@@ -56,10 +56,10 @@ def narrow_matmul(x: Array, w: Array) -> Array:
     ``x.T @ g``.
 
     Why: XLA:CPU runs the weight gradient of a narrow projection, a dot that contracts the row axis of both
-    operands into a ``[D, E]`` result, 3-7x slower than the same sums into ``[E, D]`` (jax 0.10.2, one
-    thread, N = 8192, D = 512: E=8 11.9 against 2.0 ms, E=64 15.5 against 5.5 ms; wider outputs gain less
-    and ``E >= D`` loses, docs/perf.md, Session 9). The barrier keeps XLA from folding the small ``[E, D]``
-    transpose back into the dot.
+    operands into a ``[D, E]`` result, much slower than the same sums into ``[E, D]`` (jax 0.10.2, one
+    thread, N = 8192, D = 512: E=8 11.98 against 1.86 ms, E=64 15.84 against 5.52 ms; the gain shrinks as E
+    nears D, and E = 2D loses: docs/results/cpu_session9/narrow_dw.txt). The barrier keeps XLA from folding
+    the small ``[E, D]`` transpose back into the dot.
     """
     return x @ w
 
