@@ -17,7 +17,10 @@ baseline runs 5 of its 6 GEMMs.
 Rows (``--dispatchers``):
 
 * ``einsum``: one-hot einsum dispatch with ``MoEConfig.group_size='auto'`` (the einsum picks its own group
-  size, see ``dispatch.einsum_group_size``);
+  size, see ``dispatch.einsum_group_size``) and ``capacity_compute='auto'`` (on CPU 'filled': the experts run
+  as a per-expert loop on all ``G*C`` buffer rows);
+* ``einsum_full``: the same with ``capacity_compute='full'`` (one batched matmul over the buffer, as before
+  session 9 on CPU);
 * ``einsum_seq``: one-hot einsum with one group per sequence (``group_size=None``, S = L);
 * ``einsum_autodiff``: ``einsum`` as it was before session 7, for an A/B in one process: plain autodiff of the
   combine einsum, whose backward spends a fifth ``[G,S,E,C]`` einsum on the routing weights' gradient
@@ -69,8 +72,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(0, _ROOT)
 
-DISPATCHERS = ("einsum", "einsum_seq", "einsum_autodiff", "scatter", "scatter_full", "dropless", "grouped",
-               "ragged_dot", "blocks", "gmm", "gmm_jax", "gmm_ws")
+DISPATCHERS = ("einsum", "einsum_full", "einsum_seq", "einsum_autodiff", "scatter", "scatter_full", "dropless",
+               "grouped", "ragged_dot", "blocks", "gmm", "gmm_jax", "gmm_ws")
 CPU_DEFAULT = ("einsum", "scatter", "scatter_full", "dropless")
 ACCEL_DEFAULT = ("einsum", "einsum_seq", "scatter", "grouped", "ragged_dot", "blocks", "gmm")
 
@@ -198,6 +201,8 @@ def main(argv=None):
                   capacity_factor=args.capacity_factor, jitter_eps=0.0)
         if name in ("einsum", "einsum_autodiff"):
             kw.update(dispatcher="einsum", group_size="auto")
+        elif name == "einsum_full":
+            kw.update(dispatcher="einsum", group_size="auto", capacity_compute="full")
         elif name == "einsum_seq":
             kw.update(dispatcher="einsum")
         elif name == "scatter":

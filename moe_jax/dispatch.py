@@ -504,27 +504,40 @@ def run_soft(x, decision, experts, *_, **__) -> DispatchResult:
     return DispatchResult(y, jnp.ones((g, e, c), bool), c)
 
 
-def run_einsum(x, decision, experts, capacity, slot_order="choice_major", **_) -> DispatchResult:
+def _all_rows(xe: Array) -> Array:
+    """``[E]``: all ``N`` rows of a buffer ``xe [E, N, D]`` (``BatchedExperts(xe, rows_used)`` then runs the
+    per-expert loop on every row: on XLA:CPU faster than the batched matmul, docs/perf.md, Session 9)."""
+    return jnp.full((xe.shape[0],), xe.shape[1], jnp.int32)
+
+
+def run_einsum(x, decision, experts, capacity, slot_order="choice_major", filled_only=False, **_) -> DispatchResult:
+    """``filled_only``: the experts run as a per-expert loop on all ``G*C`` buffer rows (same result; faster
+    on CPU) instead of one batched matmul."""
     if decision.kind == "soft":
         return run_soft(x, decision, experts)
     plan = make_capacity_plan(decision, capacity, slot_order)
     g, s = x.shape[:2]
     support = _einsum_support(plan, s, x.dtype)
-    ye = experts(einsum_dispatch(x, _einsum_mask(support, None, x.dtype)))
+    xe = einsum_dispatch(x, _einsum_mask(support, None, x.dtype))
+    # filled_only (capacity_compute='filled', the CPU default): an einsum buffer is not packed (each group's
+    # slots come first within the group), so every row is computed, but through the per-expert loop
+    ye = experts(xe, rows_used=_all_rows(xe)) if filled_only else experts(xe)
     y = einsum_combine_weighted(ye, plan.weight, support, *_einsum_rows(plan, g, s))
     return DispatchResult(y, plan.kept, capacity)
 
 
 def run_scatter(x, decision, experts, capacity, slot_order="choice_major", filled_only=False, **_) -> DispatchResult:
     """``filled_only``: run each expert on its filled buffer rows only (``experts(xe, rows_used=...)``,
-    ``experts.sorted_rows_ffn``; token choice), not on all ``G*C`` rows. Same result; faster on CPU."""
+    ``experts.sorted_rows_ffn``; token choice), not on all ``G*C`` rows; expert choice (whose buffer rows are
+    all filled but for invalid picks): the same loop on all rows. Same result; faster on CPU."""
     if decision.kind == "soft":  # dense mixtures have no sparse buffer layout: the einsum path is the one
         return run_soft(x, decision, experts)
     plan = make_capacity_plan(decision, capacity, slot_order)
-    if filled_only and plan.kind == "token_choice":
-        ye = experts(scatter_dispatch(x, plan), rows_used=_rows_used(plan))
+    xe = scatter_dispatch(x, plan)
+    if filled_only:
+        ye = experts(xe, rows_used=_rows_used(plan) if plan.kind == "token_choice" else _all_rows(xe))
     else:
-        ye = experts(scatter_dispatch(x, plan))
+        ye = experts(xe)
     return DispatchResult(scatter_combine(ye, plan, x.shape[1]), plan.kept, capacity)
 
 

@@ -71,10 +71,12 @@ class MoEConfig:
         (``jax.lax.ragged_dot``), 'blocks' (block-padded rows, weights gathered per block) or 'gmm' (rows
         sorted by expert through ragged GEMM kernels forward and backward: Pallas Mosaic GPU kernels,
         Hopper GPUs and bfloat16 only; ``moe_jax.gmm``).
-      capacity_compute: what the capacity dispatcher 'scatter' computes: 'filled' (each expert only on its
-        filled buffer rows, rounded up to a small quantum: ``experts.sorted_rows_ffn``, a loop of one FFN per
-        expert), 'full' (all ``G*C`` rows as one batched matmul) or 'auto' ('filled' on CPU, 'full'
-        elsewhere, and always 'full' under a device mesh). Same result either way up to float rounding: with
+      capacity_compute: how the capacity dispatchers run the experts: 'filled' (with 'scatter' and token
+        choice, each expert only on its filled buffer rows, rounded up to a small quantum:
+        ``experts.sorted_rows_ffn``, a loop of one FFN per expert; the einsum dispatcher's buffer and expert
+        choice's are not packed that way, and they run the same loop on all ``G*C`` rows), 'full' (all
+        ``G*C`` rows as one batched matmul) or 'auto' ('filled' on CPU, 'full' elsewhere, and always 'full'
+        under a device mesh). Same result either way up to float rounding: with
         'filled' a row's result can differ in the last bits with how many rows its expert computes, which
         later tokens change (XLA:CPU's GEMM blocking); the routing and the drops stay exactly causal.
         docs/perf.md.

@@ -171,7 +171,8 @@ def test_capacity_dispatchers_match_loop_reference(case, monkeypatch):
         last = ref_kept[G - 1] & (arrays["expert_index"][G - 1] == E - 1)
         assert last.sum() == case.capacity, "the last buffer row should be in use"
     runners = [_dispatcher_runner(case, "einsum"), _dispatcher_runner(case, "scatter"),
-               _dispatcher_runner(case, "scatter", filled_only=True)]  # experts on their filled rows only
+               _dispatcher_runner(case, "scatter", filled_only=True),  # experts on their filled rows only
+               _dispatcher_runner(case, "einsum", filled_only=True)]  # the per-expert loop on all rows
     outs = _loss_fn(case, arrays, runners)(x, params, w0)
     for out in outs:
         _assert_same(case, ref, out)
