@@ -96,10 +96,8 @@ def test_assign_slots_first_choices_before_second_choices(method):
     # token_major: t0->e0 #0, t0->e1 #0, t1->e1 #1 (dropped), t1->e0 #1 (dropped).
     idx = jnp.asarray([[[0, 1], [1, 0]]], jnp.int32)
     valid = jnp.ones((1, 2, 2), bool)
-    cm = np.asarray(assign_slots(idx, valid, 2, slot_order="choice_major",
-                                   method=method))
-    tm = np.asarray(assign_slots(idx, valid, 2, slot_order="token_major",
-                                   method=method))
+    cm = np.asarray(assign_slots(idx, valid, 2, slot_order="choice_major", method=method))
+    tm = np.asarray(assign_slots(idx, valid, 2, slot_order="token_major", method=method))
     np.testing.assert_array_equal(cm, [[[0, 1], [0, 1]]])
     np.testing.assert_array_equal(tm, [[[0, 0], [1, 1]]])
 
@@ -140,7 +138,8 @@ def test_assign_slots_batch_priority(method):
     # K=2 with priority is still choice-major among the re-ordered tokens:
     #   order t1, t2, t3, t0. k=0: t1->e0 #0, t2->e1 #0, t3->e0 #1, t0->e0 #2
     #                        k=1: t1->e1 #1, t2->e0 #3, t3->e1 #2, t0->e1 #3
-    slot2 = np.asarray(assign_slots(jnp.asarray(_EXPERTS), jnp.asarray(_ALL_VALID), 2, priority=prio, method=method))
+    slot2 = np.asarray(assign_slots(jnp.asarray(_EXPERTS), jnp.asarray(_ALL_VALID), 2, priority=prio,
+                                    method=method))
     np.testing.assert_array_equal(slot2[0], [[2, 3], [0, 1], [0, 3], [1, 2]])
 
 
