@@ -177,8 +177,9 @@ class BatchedExperts(nn.Module):
 
     def __call__(self, x: Array, rows_used: Optional[Array] = None) -> Array:
         """``x[E, N, D] -> [E, N, D]``. With ``rows_used [E]`` (int): only the first ``rows_used[e]`` rows of
-        expert e hold tokens; the others are skipped (output 0, gradient 0): ``sorted_rows_ffn`` with
-        ``stride = N``, one FFN per expert on its filled rows rounded up to ``N / 16``. A capacity buffer has
+        expert e hold tokens; the others must be zero rows (the dispatchers' empty slots are) and get output 0
+        and gradient 0: ``sorted_rows_ffn`` with ``stride = N``, one FFN per expert on its filled rows rounded
+        up to ``N / 16`` (a row in that rounding is computed, hence the zero rows). A capacity buffer has
         ``cf * K * T`` rows of which about ``K * T`` hold tokens; on CPU the batched matmul pays for all of
         them (docs/perf.md)."""
         params = self.params(x.shape[-1])
@@ -228,7 +229,8 @@ def sorted_rows_ffn(x: Array, group_sizes: Array, params: Dict[str, Array], acti
 
     ``stride > 0``: expert e's rows start at ``e * stride`` instead (a capacity buffer ``[E, stride, D]``
     flattened, its filled rows first; ``BatchedExperts(x, rows_used)``). With ``chunk = stride`` no expert reads
-    or writes past its own rows, and rows past ``group_sizes[e]`` get output 0 and gradient 0.
+    or writes past its own rows, and rows past ``group_sizes[e]`` get gradient 0, and output 0 if they are zero
+    rows (the remainder's rounding computes some of them; a capacity buffer's empty slots are zero).
     """
     return _sorted_fwd(x, group_sizes, params, activation, chunk, stride)[0]
 
