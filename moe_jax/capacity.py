@@ -67,6 +67,9 @@ def compute_capacity(
     return int(min(cap, group_size))
 
 
+SORT_FROM_EXPERTS = 32  # assign_slots(method='auto') sorts from this many experts on (docstring: measured)
+
+
 def assign_slots(
     expert_index: jax.Array,
     valid: jax.Array,
@@ -122,9 +125,6 @@ def assign_slots(
         position = jnp.take_along_axis(position, inverse[:, :, None], axis=1)
     big = jnp.iinfo(jnp.int32).max // 2
     return jnp.where(valid, position, big).astype(jnp.int32)
-
-
-SORT_FROM_EXPERTS = 32  # assign_slots(method='auto') sorts from this many experts on (docstring: measured)
 
 
 def _rank_in_expert(ranked: jax.Array, num_experts: int, method: str) -> jax.Array:

@@ -265,8 +265,8 @@ def _rows_t_matmul(u, v):
 
     XLA:CPU's transpose is 2-7x slower per byte when the transposed rows are a multiple of 128 values long
     (``r % 128 == 0``; jax 0.10.2: ``[1024, 1024]`` 7.6 ms against 1.4 ms for ``[1040, 1024]``), which is
-    every chunk of the dropless loop at T*K = 8192, E=8 (chunk 2048, quantum 128) and a full capacity buffer at
-    some E. Such products run as ``r - 16`` rows through the transpose plus the last 16 as a plain dot (r=1024,
+    some pieces of the dropless loop (T*K = 8192, E=8: chunk 1280, quantum 80, so r = 640 and 1280) and a full
+    capacity buffer at some E. Such products run as ``r - 16`` rows through the transpose plus the last 16 as a plain dot (r=1024,
     F=1024, D=512: 11.9 ms against 17.3; docs/perf.md, Session 7); their sum is rounded in another order.
     """
     r = u.shape[0]
