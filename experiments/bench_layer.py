@@ -112,7 +112,9 @@ def parse_args(argv=None):
     p.add_argument("--floor", action="store_true",
                    help="also time the experts alone (BatchedExperts forward+backward, no router, no dispatch) "
                         "on [E, C_total, D] (the capacity buffer's rows) and on [E, T*K/E, D] (perfect balance, "
-                        "no slack): what the expert GEMMs cost by themselves at this E")
+                        "no slack) as one batched matmul, and on [E, T*K/E, D] as the per-expert loop of the "
+                        "capacity path ('floor_loop': BatchedExperts(x, rows_used) with every row used): what "
+                        "the expert GEMMs cost by themselves at this E")
     p.add_argument("--probes", action="store_true",
                    help="instead: CPU probes behind docs/perf.md: one projection [T/L, L, D] x [D, F] forward + "
                         "backward with the token axes kept (3-D) against flattened (2-D, experts.on_rows); "
@@ -269,15 +271,19 @@ def main(argv=None):
 
         return timed_grad(loss), params, jax.jit(drop)
 
-    def build_floor(e, k, rows):
-        # the expert FFNs alone, forward + backward, on `rows` rows per expert
+    def build_floor(e, k, rows, loop=False):
+        # the expert FFNs alone, forward + backward, on `rows` rows per expert: one batched matmul, or
+        # (loop=True) the capacity path's per-expert loop with every row used
         xe = jax.random.normal(kx, (e, rows, d), jnp.float32).astype(dtype)
         re = jax.random.normal(kr, (e, rows, d), jnp.float32).astype(dtype)
         experts = BatchedExperts(e, d, f, activation="gelu", dtype=dtype)
         params = cast_params(experts.init(kp, xe)["params"])
 
         def loss(params, xe):
-            ye = experts.apply({"params": params}, xe)
+            # rows_used is computed from the input so that XLA cannot constant-fold the loop's row-count
+            # switches (the layer's counts are data): rows + 0 * (a count no compiler can know)
+            used = jnp.full((e,), rows, jnp.int32) + (jnp.isnan(xe[0, 0, 0])).astype(jnp.int32) if loop else None
+            ye = experts.apply({"params": params}, xe, used)
             return jnp.sum((ye * re).astype(jnp.float32)), ye
 
         return timed_grad(loss), (params, xe)
@@ -331,8 +337,9 @@ def main(argv=None):
                 continue
             if args.floor:
                 cap = b * compute_capacity(l, e, k, args.capacity_factor)  # G * C, the scatter buffer's rows
-                for label, nrows in (("floor_C", cap), ("floor_TK/E", -(-t * k // e))):
-                    fn, fargs = build_floor(e, k, nrows)
+                for label, nrows, loop in (("floor_C", cap, False), ("floor_TK/E", -(-t * k // e), False),
+                                           ("floor_loop", -(-t * k // e), True)):
+                    fn, fargs = build_floor(e, k, nrows, loop)
                     fns.append((label, e, fn, fargs, None))
             for name in names:
                 cfg = moe_config(name, e, k)
@@ -393,10 +400,48 @@ def main(argv=None):
 
     print()
     print(markdown(rows, args, cpu=backend == "cpu"))
+    flat = flatness(rows)
+    if flat:
+        print()
+        print(flatness_markdown(flat))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(args=vars(args), machine=machine, jax=jax.__version__, rows=rows), fh, indent=1)
+            json.dump(dict(args=vars(args), machine=machine, jax=jax.__version__, rows=rows, flatness=flat), fh,
+                      indent=1)
     return rows
+
+
+def flatness(rows):
+    """Cost against the number of experts at fixed active FLOPs (issue 7's bar: t(E=64) / t(E=8) <= 1.15):
+    for each K and row label timed at two or more E, the ratio ``t(E_max) / t(E_min)`` of each round (both
+    timed in that round, so a slow drift of the machine cancels), and its median, min and max over rounds.
+    Rows without per-round times, or with rounds of different counts, are skipped."""
+    import numpy as np
+
+    by = {}
+    for r in rows:
+        if r["e"] is not None and r.get("times_ms"):
+            by.setdefault((r["k"], r["dispatcher"]), {})[r["e"]] = r["times_ms"]
+    out = []
+    for (k, label), ts in by.items():
+        if len(ts) < 2:
+            continue
+        lo, hi = min(ts), max(ts)
+        if len(ts[lo]) != len(ts[hi]):
+            continue
+        ratios = [b / a for a, b in zip(ts[lo], ts[hi])]
+        out.append(dict(k=k, dispatcher=label, e_lo=lo, e_hi=hi, median=float(np.median(ratios)),
+                        min=min(ratios), max=max(ratios), rounds=len(ratios)))
+    return out
+
+
+def flatness_markdown(flat) -> str:
+    lines = ["| K | dispatcher | E | t(E_hi) / t(E_lo), median over rounds | min | max | rounds |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for f in flat:
+        lines.append(f"| {f['k']} | {f['dispatcher']} | {f['e_hi']} / {f['e_lo']} | {f['median']:.3f} | "
+                     f"{f['min']:.3f} | {f['max']:.3f} | {f['rounds']} |")
+    return "\n".join(lines)
 
 
 def grad_of_loss(jax, loss, dead_output=False):
@@ -640,7 +685,8 @@ def markdown(rows, args, cpu=True) -> str:
         e = "" if r["e"] is None else str(r["e"])
         drop = "" if r["drop"] is None else f"{100 * r['drop']:.1f}%"
         label = {"dense": f"dense FFN (F={r['k']}·{args.hidden})", "matmul": "one matmul, same FLOPs",
-                 "floor_C": "experts alone, C rows", "floor_TK/E": "experts alone, T·K/E rows"}.get(
+                 "floor_C": "experts alone, C rows", "floor_TK/E": "experts alone, T·K/E rows",
+                 "floor_loop": "experts alone, T·K/E rows, loop"}.get(
             r["dispatcher"], r["dispatcher"])
         cpu_cells = f" {r['cpu_ms']:.1f} | {r['cpu_ratio']:.2f} |" if cpu else ""
         mm_cell = (f" {100 * matmul[r['k']] / r['median_ms']:.0f}% |" if r["k"] in matmul

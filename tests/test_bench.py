@@ -2,6 +2,8 @@
 import os
 import runpy
 
+import numpy as np
+
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +57,6 @@ def test_timed_function_keeps_the_dense_output_product():
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from moe_jax.experts import DenseFFN
 
@@ -81,3 +82,22 @@ def test_timed_function_keeps_the_dense_output_product():
     # d loss / d wo = a^T r with a = gelu(x wi): the same gradients either way
     np.testing.assert_allclose(grads["wo"], jax.nn.gelu(x @ params["wi"]).T @ r, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dead(params, x)[0]["wo"], grads["wo"], rtol=1e-6)
+
+
+def test_flatness_pairs_rounds():
+    """t(E_hi) / t(E_lo) per round, then the median: rounds (100, 200, 100) ms at E=8 and (110, 210, 130) at
+    E=64 give 1.1, 1.05, 1.3, median 1.1 (min 1.05, max 1.3). The ratio of the medians would be 130 / 100 =
+    1.3: the pairing is what cancels the slow second round. A label at one E only, a row without per-round times
+    and the dense row (E None) give nothing."""
+    bench = runpy.run_path(os.path.join(ROOT, "experiments", "bench_layer.py"))
+    rows = [dict(k=1, e=None, dispatcher="dense", times_ms=[90.0, 180.0, 90.0]),
+            dict(k=1, e=8, dispatcher="scatter", times_ms=[100.0, 200.0, 100.0]),
+            dict(k=1, e=64, dispatcher="scatter", times_ms=[110.0, 210.0, 130.0]),
+            dict(k=1, e=16, dispatcher="dropless", times_ms=[1.0, 1.0, 1.0]),
+            dict(k=2, e=8, dispatcher="scatter", times_ms=[1.0]), dict(k=2, e=64, dispatcher="scatter")]
+    flat = bench["flatness"](rows)
+    assert len(flat) == 1
+    f = flat[0]
+    assert (f["k"], f["dispatcher"], f["e_lo"], f["e_hi"], f["rounds"]) == (1, "scatter", 8, 64, 3)
+    np.testing.assert_allclose([f["median"], f["min"], f["max"]], [1.1, 1.05, 1.3])
+    assert "| 1 | scatter | 64 / 8 | 1.100 | 1.050 | 1.300 | 3 |" in bench["flatness_markdown"](flat)
