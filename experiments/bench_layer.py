@@ -53,6 +53,9 @@ median over rounds of ``t_moe / t_dense`` of the same round), the achieved GFLOP
 FLOPs / median time), and XLA's compiled memory footprint (arguments + outputs + temporaries, from
 ``compiled.memory_analysis()``; this is the peak the buffer assignment plans for, not an RSS measurement).
 The ``drop`` column is the fraction of token-expert assignments dropped by the capacity limit for this input.
+With two or more E per row label, a second table gives the cost against E at fixed active FLOPs (``flatness``):
+``t(E_max) / t(E_min)`` of each round, its median, min and max over rounds (issue 7's bar: E=64 over E=8 at
+most 1.15); ``--json`` writes it too.
 
 CPU pinning: unless ``XLA_FLAGS`` is already set, the script runs XLA on one CPU thread
 (``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``); start it under ``taskset -c 0``.
