@@ -588,7 +588,7 @@ def profile_row(jax, path, fn, fargs, block, calls=3):
     except Exception:  # noqa: BLE001  (not every backend or object has the text)
         op_names = {}
     print("| kernel | calls per call | ms per call | share | JAX op (HLO op_name) |\n|---|---:|---:|---:|---|")
-    for name, ms in sorted(per_name.items(), key=lambda kv: -kv[1])[:12]:
+    for name, ms in sorted(per_name.items(), key=lambda kv: -kv[1])[:int(os.environ.get("PROFILE_TOP", 12))]:
         op = op_names.get(normalize_kernel_name(name), "")
         print(f"| `{name[:90]}` | {counts[name] / calls:.0f} | {ms:.3f} | {100 * ms / max(total, 1e-12):.0f}% | "
               f"{'`' + op[-120:] + '`' if op else ''} |", flush=True)

@@ -35,8 +35,9 @@ their semantics agree (same capacity, same slot order); the tests hold each agai
    ``'gmm'`` (``gmm.grouped_matmul``: ragged GEMM kernels forward and backward, Pallas Mosaic GPU
    kernels; Hopper, bfloat16: the GPU default there). ``dropless_impl='auto'`` picks per backend and dtype
    (``default_dropless_impl``).
-4. All gathers of token rows use ``take_rows``, whose backward is a gather as well (no scatter-add).
-   Measured costs and the choice of defaults: docs/perf.md.
+4. All gathers of token rows use ``take_rows``, whose backward is a gather as well (no scatter-add). The
+   token-choice combines sum each token's K weighted rows with ``weighted_sum_k``, whose backward gets the
+   routing weights' gradient as one batched dot. Measured costs and the choice of defaults: docs/perf.md.
 
 Token-choice and expert-choice decisions are both supported by ``einsum`` and ``scatter``; ``dropless`` is
 token choice only (expert choice never overflows by construction). Soft MoE decisions (``kind='soft'``, dense
@@ -126,6 +127,53 @@ def _take_rows_bwd(res, g):
 
 
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+@jax.custom_vjp
+def weighted_sum_k(y: Array, weight: Array) -> Array:
+    """``sum_k weight[..., k] * y[..., k, :]``: ``y[..., K, D]``, ``weight[..., K]`` (y's dtype) -> ``[..., D]``.
+
+    The combine of token choice: each token's K expert outputs, weighted by its routing weights. The forward
+    is the plain weighted sum; the backward gets the weights' gradient ``d weight[..., k] = <dy, y[..., k, :]>``
+    as one batched dot (an einsum over D, accumulated in float32) instead of autodiff's multiply-and-reduce,
+    which XLA:CPU hands to YNNPACK as a reduction: 20.1 against 8.0 ms for the whole backward at ``[8, 1024,
+    1, 512]`` (K=2: 15.8 against 12.4; docs/perf.md, Session 10). Same values up to summation order."""
+    return jnp.sum(y * weight[..., None], axis=-2)
+
+
+def _weighted_sum_k_fwd(y, weight):
+    return weighted_sum_k(y, weight), (y, weight)
+
+
+def _weighted_sum_k_bwd(res, dy):
+    y, weight = res
+    dy = dy.astype(y.dtype)
+    dweight = jnp.einsum("...kd,...d->...k", y, dy, preferred_element_type=jnp.float32).astype(weight.dtype)
+    return _like(dy[..., None, :] * weight[..., None], y), _like(dweight, weight)
+
+
+def _like(ct, primal):
+    """A custom VJP's cotangent given the mesh axes its primal varies along (inside ``shard_map``): summed over
+    the axes only the cotangent varies along, marked varying along those only the primal does. This is what
+    autodiff's transpose of the implicit broadcast between the two does; outside ``shard_map`` both sets are
+    empty and ``ct`` is returned as it is."""
+    have, want = _varying_axes(ct), _varying_axes(primal)
+    if have - want:
+        ct = jax.lax.psum(ct, tuple(sorted(have - want)))
+    if want - have:
+        missing = tuple(sorted(want - have))
+        ct = jax.lax.pcast(ct, missing, to="varying") if hasattr(jax.lax, "pcast") else jax.lax.pvary(ct, missing)
+    return ct
+
+
+def _varying_axes(x) -> set:
+    """The ``shard_map`` mesh axes along which ``x`` varies (empty outside ``shard_map``)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10
+    return set(manual.varying) if manual is not None else set(getattr(aval, "vma", ()))
+
+
+weighted_sum_k.defvjp(_weighted_sum_k_fwd, _weighted_sum_k_bwd)
 
 
 def _inverse_rows(rows: Array, num_rows: int) -> Array:
@@ -316,7 +364,7 @@ def scatter_combine(ye: Array, plan: CapacityPlan, group_size: int) -> Array:
         k = rows.shape[-1]
         inverse = _inverse_rows(rows.reshape(-1), e * gc)[:, None]  # [E*G*C, 1] assignment of each row
         gathered = take_rows(ye.reshape(e * gc, d), rows.reshape(-1), inverse).reshape(g, group_size, k, d)
-        return jnp.sum(gathered * plan.weight[..., None].astype(ye.dtype), axis=2)  # [G, S, D]
+        return weighted_sum_k(gathered, plan.weight.astype(ye.dtype))  # [G, S, D]
     y_pad = jnp.concatenate([ye.reshape(e * gc, d), jnp.zeros((1, d), ye.dtype)], axis=0)
     gathered = y_pad[rows]  # [G, S, K, D] or [G, E, C, D]
     weighted = gathered * plan.weight[..., None].astype(ye.dtype)
@@ -407,7 +455,7 @@ def dropless_combine(yb: Array, plan: DroplessPlan) -> Array:
     d = yb.shape[-1]
     y_pad = jnp.concatenate([yb.reshape(-1, d), jnp.zeros((1, d), yb.dtype)], axis=0)
     gathered = y_pad[plan.row_of_assignment]  # [G, S, K, D]
-    return jnp.sum(gathered * plan.weight[..., None].astype(yb.dtype), axis=2)
+    return weighted_sum_k(gathered, plan.weight.astype(yb.dtype))
 
 
 SORTED_IMPLS = ("ragged_dot", "grouped", "gmm")
@@ -482,7 +530,7 @@ def ragged_dot_experts(x: Array, decision: RoutingDecision, params: Dict[str, Ar
     inverse = jnp.where(row_valid, order, n)[:, None]  # [N, 1] assignment held by each sorted row
     y = take_rows(ys, row_of_assignment, inverse).reshape(g, s, k, d)  # [G, S, K, D]
     w = jnp.where(decision.valid, decision.combine_weights, 0.0).astype(ys.dtype)
-    return jnp.sum(y * w[..., None], axis=2)
+    return weighted_sum_k(y, w)
 
 
 # ------------------------------------------------------------------------------------------ run / registry

@@ -717,7 +717,7 @@ def _dropless_ep(x: Array, decision: RoutingDecision, params: Dict[str, Array], 
     y_pad = jnp.concatenate([y_back.reshape(r, d), jnp.zeros((1, d), y_back.dtype)], axis=0)
     gathered = y_pad[send_row].reshape(g, s, k, d)  # [G_l, S, K, D]
     weight = jnp.where(decision.valid, decision.combine_weights, 0.0).astype(gathered.dtype)
-    return jnp.sum(gathered * weight[..., None], axis=2)  # [G_l, S, D]
+    return dispatch_lib.weighted_sum_k(gathered, weight)  # [G_l, S, D]
 
 
 def run_expert_parallel(x: Array, decision: RoutingDecision, experts, capacity: Optional[int], *,
