@@ -133,7 +133,8 @@ def parse_args(argv=None):
                         "loop not counted again in it; the script adds --xla_cpu_enable_xprof_traceme=true to the "
                         "XLA_FLAGS it sets, add it yourself if you set XLA_FLAGS), "
                         "grouped: ragged GEMM kernels, other GEMMs, sorts, buffer writes, slices, fills, "
-                        "transposes, gathers, the rest; and the idle time between kernels")
+                        "transposes, gathers, the rest; and the idle time between kernels. PROFILE_TOP=n in the "
+                        "environment lists the n largest kernels (default 12)")
     p.add_argument("--dead-output", action="store_true",
                    help="time the gradients only, not the layer's output y (the tables before session 8): the "
                         "loss is linear in y, so XLA drops the dense FFN's forward output product and the dense "
@@ -524,7 +525,7 @@ def normalize_kernel_name(name: str) -> str:
 
 
 def profile_row(jax, path, fn, fargs, block, calls=3):
-    """Trace ``calls`` calls of ``fn`` into ``path`` and print the device time per call: the 12 largest kernels
+    """Trace ``calls`` calls of ``fn`` into ``path`` and print the device time per call: the largest kernels (12, or PROFILE_TOP)
     and the totals per ``kernel_group``. GPU: the kernels on the device plane's stream lines. CPU: the XLA ops on
     the host plane's XLA threads, each op's exclusive time (the ops inside a ``while`` or ``cond`` are not counted
     again in it); they appear with ``--xla_cpu_enable_xprof_traceme=true`` in ``XLA_FLAGS``, which ``main`` adds
