@@ -526,10 +526,10 @@ def normalize_kernel_name(name: str) -> str:
 
 def profile_row(jax, path, fn, fargs, block, calls=3):
     """Trace ``calls`` calls of ``fn`` into ``path`` and print the device time per call: the largest kernels (12,
-    or ``PROFILE_TOP`` from the environment) and the totals per ``kernel_group``. GPU: the kernels on the device plane's stream lines. CPU: the XLA ops on
-    the host plane's XLA threads, each op's exclusive time (the ops inside a ``while`` or ``cond`` are not counted
-    again in it); they appear with ``--xla_cpu_enable_xprof_traceme=true`` in ``XLA_FLAGS``, which ``main`` adds
-    to the flags it sets."""
+    or ``PROFILE_TOP`` from the environment) and the totals per ``kernel_group``. GPU: the kernels on the device
+    plane's stream lines. CPU: the XLA ops on the host plane's XLA threads, each op's exclusive time (the ops
+    inside a ``while`` or ``cond`` are not counted again in it); they appear with
+    ``--xla_cpu_enable_xprof_traceme=true`` in ``XLA_FLAGS``, which ``main`` adds to the flags it sets."""
     import glob
     from collections import defaultdict
 

@@ -150,21 +150,17 @@ def _weighted_sum_k_bwd(res, dy):
     y, weight = res
     dy = dy.astype(y.dtype)
     dweight = jnp.einsum("...kd,...d->...k", y, dy, preferred_element_type=jnp.float32).astype(weight.dtype)
-    return _like(dy[..., None, :] * weight[..., None], y), _like(dweight, weight)
+    return _sum_extra_axes(dy[..., None, :] * weight[..., None], y), _sum_extra_axes(dweight, weight)
 
 
-def _like(ct, primal):
-    """A custom VJP's cotangent given the mesh axes its primal varies along (inside ``shard_map``): summed over
-    the axes only the cotangent varies along, marked varying along those only the primal does. This is what
-    autodiff's transpose of the implicit broadcast between the two does; outside ``shard_map`` both sets are
-    empty and ``ct`` is returned as it is."""
-    have, want = _varying_axes(ct), _varying_axes(primal)
-    if have - want:
-        ct = jax.lax.psum(ct, tuple(sorted(have - want)))
-    if want - have:
-        missing = tuple(sorted(want - have))
-        ct = jax.lax.pcast(ct, missing, to="varying") if hasattr(jax.lax, "pcast") else jax.lax.pvary(ct, missing)
-    return ct
+def _sum_extra_axes(ct, primal):
+    """A custom VJP's cotangent summed over the ``shard_map`` mesh axes along which it varies and its primal
+    does not, as autodiff's transpose of the implicit broadcast between them does (``weighted_sum_k`` inside
+    the expert-parallel combine: the rows vary along more axes than the weights). Outside ``shard_map``,
+    nothing varies and ``ct`` is returned as it is. (A cotangent never varies along fewer axes than its primal
+    here: ``dy`` varies along the axes of both inputs.)"""
+    extra = _varying_axes(ct) - _varying_axes(primal)
+    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
 
 
 def _varying_axes(x) -> set:
