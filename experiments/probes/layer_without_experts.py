@@ -1,9 +1,9 @@
-"""Where the MoE layer's time goes as E grows (session 9): the whole layer (forward + backward, y returned) at
-E=8 and E=64, and the same layer with the experts replaced by the identity ("no experts": router, aux losses,
-slot plan, dispatch and combine gathers, and their gradients), with the dense FFN as the yardstick, all in one
+"""Where the MoE layer's time goes as E grows: the whole layer (forward + backward, y returned) at E=8 and
+E=64, and the same layer with the experts replaced by the identity ("no experts": router, aux losses, slot
+plan, dispatch and combine gathers, and their gradients), with the dense FFN as the yardstick, all in one
 process, interleaved rounds. K and the dispatcher from the environment (K=1, DISP=scatter by default).
 
-    REPS=7 taskset -c 0 python docs/results/cpu_session9/decomp.py
+    REPS=7 taskset -c 0 python experiments/probes/layer_without_experts.py
 """
 import os, sys, time
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")

@@ -1,8 +1,10 @@
-"""Scratch A/B behind docs/perf.md (Session 7, item 3): each layer compiled twice in one process, with
-experts._rows_t_matmul before session 7 (always a materialized transpose) and as it is now, timed in
-interleaved rounds against the dense FFN. Arguments K:E:dispatcher; REPS rounds (default 5).
+"""A/B of `experts._rows_t_matmul` in the MoE layer: each layer compiled twice in one process, with the
+weight-gradient product as an always-materialized transpose ("old": ``barrier(u.T) @ v``) and as
+`_rows_t_matmul` is now (tiles whose rows are a multiple of 128 split off their last 16 rows), gradients
+checked equal, timed in interleaved rounds against the dense FFN. Arguments K:E:dispatcher; REPS rounds
+(default 5).
 
-    REPS=7 taskset -c 0 python docs/results/cpu_session7/ab_rows_t.py 1:8:dropless 1:64:dropless 1:64:scatter 2:8:dropless 2:64:dropless
+    REPS=7 taskset -c 0 python experiments/probes/ab_weight_grad_transpose_split.py 1:8:dropless 1:64:dropless 1:64:scatter 2:8:dropless 2:64:dropless
 """
 import os, sys, time
 os.environ["XLA_FLAGS"]="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"

@@ -1,9 +1,9 @@
-"""capacity.assign_slots' two ways of counting an assignment's rank within its expert, alone, per E (session 9):
-the one-hot cumsum ('cumsum') against a stable sort of the expert ids with the rank scattered back
+"""capacity.assign_slots' two ways of counting an assignment's rank within its expert, alone, per E: the
+one-hot cumsum ('cumsum') against a stable sort of the expert ids with the rank scattered back
 ('sort+scatter', what method='sort' does) or un-permuted by a second argsort ('sort+argsort'). Random ids with
 about 1/(E+1) of them invalid; both methods checked equal first. G groups of M = K*S assignments.
 
-    taskset -c 0 python docs/results/cpu_session9/assign_slots.py
+    taskset -c 0 python experiments/probes/assign_slots_cumsum_vs_sort.py
 """
 import os, time
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")

@@ -1,10 +1,10 @@
-"""A/B of the combine's routing-weight gradient (session 10): the MoE layer's forward + backward (y returned,
-as in bench_layer.py) with the combine through `dispatch.weighted_sum_k` ("new": the weights' gradient as one
+"""A/B of the combine's routing-weight gradient in the MoE layer: forward + backward (y returned, as in
+bench_layer.py) with the combine through `dispatch.weighted_sum_k` ("new": the weights' gradient as one
 batched dot) and as the plain weighted sum under autodiff ("old"), both compiled in one process and timed in
-interleaved rounds, with the dense FFN of the same active FLOPs as the yardstick. (The harness is session 9's
-ab_router.py with the other function swapped; each result script stays self-contained with its command.)
+interleaved rounds, with the dense FFN of the same active FLOPs as the yardstick. Prints the paired median
+of new/old per row. Arguments: E list, K list, dispatchers; REPS rounds (default 5).
 
-    REPS=7 taskset -c 0 python docs/results/cpu_session10/ab_combine.py 8,64 1,2 scatter,dropless
+    REPS=7 taskset -c 0 python experiments/probes/ab_combine_weight_grad.py 8,64 1,2 scatter,dropless
 """
 import os, sys, time
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")

@@ -1,8 +1,8 @@
-"""The experts alone on a full capacity buffer (session 9): BatchedExperts as one batched matmul against the
-per-expert loop (experts.sorted_rows_ffn via rows_used = every row), forward + backward with y returned, at
-E=8 (1280 rows each) and E=64 (160 rows each); the max abs difference of all outputs first.
+"""The experts alone on a full capacity buffer: BatchedExperts as one batched matmul against the per-expert
+loop (experts.sorted_rows_ffn via rows_used = every row), forward + backward with y returned, at E=8 (1280
+rows each) and E=64 (160 rows each); the max abs difference of all outputs first.
 
-    taskset -c 0 python docs/results/cpu_session9/full_loop.py
+    taskset -c 0 python experiments/probes/experts_loop_vs_batched_matmul.py
 """
 import os, time
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")

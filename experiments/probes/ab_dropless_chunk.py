@@ -1,9 +1,9 @@
-"""A/B of the dropless 'grouped' chunk (experts.sorted_rows_chunk) in the MoE layer (session 9): each variant
-sets the chunk to FACTOR times the mean rows per expert (a multiple of 16) while the layer is traced, all
-variants and the dense FFN compiled in one process and timed in interleaved rounds; "paired" is the median over
-rounds of t(variant) / t(first variant).
+"""A/B of the dropless 'grouped' chunk (experts.sorted_rows_chunk) in the MoE layer: each variant sets the
+chunk to FACTOR times the mean rows per expert (a multiple of 16) while the layer is traced, all variants and
+the dense FFN compiled in one process and timed in interleaved rounds; "paired" is the median over rounds of
+t(variant) / t(first variant). Arguments: E list, K list, factors; REPS rounds (default 5).
 
-    REPS=7 taskset -c 0 python docs/results/cpu_session9/ab_chunk.py 8,16,32,64 1,2 2.0,1.25,1.5
+    REPS=7 taskset -c 0 python experiments/probes/ab_dropless_chunk.py 8,16,32,64 1,2 2.0,1.25,1.5
 """
 import os, sys, time
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")

@@ -1,8 +1,8 @@
-"""The weight gradient of a narrow projection x[N, D] @ w[D, E] on XLA:CPU (session 9): the plain autodiff product
-x.T @ g (a dot into [D, E]) against experts.narrow_matmul's barrier(g.T @ x).T (a dot into [E, D], then a small
-transpose), per N, D, E.
+"""The weight gradient of a narrow projection x[N, D] @ w[D, E] on XLA:CPU: the plain autodiff product
+x.T @ g (a dot into [D, E]) against experts.narrow_matmul's barrier(g.T @ x).T (a dot into [E, D], then a
+small transpose), per N, D, E.
 
-    taskset -c 0 python docs/results/cpu_session9/narrow_dw.py
+    taskset -c 0 python experiments/probes/narrow_weight_grad.py
 """
 import os, time
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")

@@ -1,9 +1,9 @@
-"""The token-choice combine alone (session 10): forward + backward of ``sum(combine(y, w) * r)`` at
+"""The token-choice combine alone: forward + backward of ``sum(combine(y, w) * r)`` at
 ``y [8, 1024, K, 512]``, ``w [8, 1024, K]``, as the plain weighted sum under autodiff ("plain"), as an einsum
 under autodiff ("einsum"), and as ``dispatch.weighted_sum_k`` (the custom backward: the weights' gradient as
 one batched dot). Median of 9 interleaved calls; gradients checked against "plain" first.
 
-    for k in 1 2; do K=$k taskset -c 0 python docs/results/cpu_session10/combine_alone.py; done
+    for k in 1 2; do K=$k taskset -c 0 python experiments/probes/combine_weight_grad_alone.py; done
 """
 import os
 import time

@@ -1,9 +1,10 @@
-"""A/B of the router gate's weight gradient (session 9): the MoE layer's forward + backward (y returned, as in
+"""A/B of the router gate's weight gradient in the MoE layer: forward + backward (y returned, as in
 bench_layer.py) with the gate through `experts.narrow_dot_general` ("new") and through `lax.dot_general`
 ("old", the plain autodiff product), both compiled in one process and timed in interleaved rounds, with the
-dense FFN of the same active FLOPs as the yardstick.
+dense FFN of the same active FLOPs as the yardstick. Arguments: E list, K list, dispatchers; REPS rounds
+(default 5).
 
-    REPS=7 taskset -c 0 python docs/results/cpu_session9/ab_router.py 8,64 1,2 scatter,dropless
+    REPS=7 taskset -c 0 python experiments/probes/ab_router_gate_weight_grad.py 8,64 1,2 scatter,dropless
 """
 import os, sys, time
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")

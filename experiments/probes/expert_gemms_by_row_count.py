@@ -1,5 +1,6 @@
 """The expert GEMMs alone, at E=8 (1024 rows per expert) and E=64 (128 rows), T = 8192 rows in all, D=512,
-F=1024, float32 (session 10): what a product costs at 128 rows against 1024, before any routing.
+F=1024, float32: what a product costs at 128 rows against 1024, before any routing (the floor of the layer's
+cost against E, docs/perf.md "The floor").
 
 For each E, a `lax.scan` over the experts (as the layer's loop runs them; each expert's weight is a slice of
 the stacked [E, D, F] array) of one of:
@@ -8,12 +9,12 @@ the stacked [E, D, F] array) of one of:
   dw     x_e^T · g_e         [D, R] · [R, F]   (the weight gradient, stacked into [E, D, F] as the layer does)
   dw_sum the same products summed into one [D, F] (no stack: what the stack's fill and copies cost)
 and, as the yardstick, `one`: the same FLOPs as one [8192, D] · [D, F] product. Median of 7 interleaved
-rounds, one process per XLA_FLAGS setting:
+rounds, one process per XLA_FLAGS setting (XLA:CPU's default GEMM path, YNNPACK off, XNNPACK dots, oneDNN):
 
     for f in "" "--xla_cpu_experimental_ynn_fusion_type=" "--xla_cpu_experimental_xnn_fusion_type=dot" \
              "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot"; do
       XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1 $f" \
-        taskset -c 0 python docs/results/cpu_session10/gemm_rows.py; done
+        taskset -c 0 python experiments/probes/expert_gemms_by_row_count.py; done
 """
 import os
 import time

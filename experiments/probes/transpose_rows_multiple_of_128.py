@@ -1,4 +1,5 @@
-"""Scratch probes behind docs/perf.md (Session 7, item 3), run one after the other:
+"""Why `experts._rows_t_matmul` splits weight-gradient tiles whose rows are a multiple of 128. Two probes, run
+one after the other:
 
 1. XLA:CPU's transpose of r x F rows (with the fused GELU scale and dynamic slice of the backward loop, as in its
    HLO), ms per MiB, for row counts r around multiples of 128;
@@ -6,7 +7,7 @@
    plain dot; the first r-16 rows transposed and the last 16 as a plain dot), for row counts r that are and are
    not multiples of 128.
 
-    taskset -c 0 python docs/results/cpu_session7/transpose_probes.py
+    taskset -c 0 python experiments/probes/transpose_rows_multiple_of_128.py
 """
 import os, time
 os.environ["XLA_FLAGS"]="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
