@@ -9,9 +9,9 @@
 #   4. bench_layer.py, the CPU table's shape (T=8192, D=512, F=1024), every E, K=2 and 1.
 # Optional (not in the default STEPS; add it with STEPS="... layer_large_bf16w"): the large shape again with
 # bfloat16 weights (--param-dtype bfloat16), i.e. without the per-step float32 -> bfloat16 weight casts that
-# cost 1.5 ms of the E=64 row in session 6.
+# cost 1.5 ms of the E=64 row on an H200 (docs/perf.md, "GPU: what is known").
 # Each step has its own time limit, so that one slow step cannot starve the rest. The layer steps time 5
-# back-to-back calls per sample (--calls 5; session 6's call, in docs/perf.md, synced after every call).
+# back-to-back calls per sample (--calls 5; the H200 tables in docs/perf.md synced after every call).
 set -u
 OUT=${OUT:-/tmp/moe_jax_gpu}
 mkdir -p "$OUT"

@@ -10,19 +10,19 @@ What is timed: ``jax.jit(jax.grad(loss, has_aux=True))`` w.r.t. the layer's para
 ``x [T/L, L, D]`` (router ``top_k``, no jitter, GELU experts, capacity factor ``--capacity-factor``); the
 function returns the gradients and ``y`` (``grad_of_loss``). The baseline is ``DenseFFN`` of width ``K * F`` on
 the same ``x`` with ``loss = sum(y * R)``: the same useful (active) FLOPs, ``3 * 2 * 2 * T * D * K * F`` for
-forward + backward. Returning ``y`` matters: without it (``--dead-output``, the tables before session 8) XLA
-drops the dense FFN's forward output product, which nothing reads when the loss is linear in y, and the
-baseline runs 5 of its 6 GEMMs.
+forward + backward. Returning ``y`` matters: without it (``--dead-output``, the definition of the oldest tables
+in git history) XLA drops the dense FFN's forward output product, which nothing reads when the loss is linear in
+y, and the baseline runs 5 of its 6 GEMMs.
 
 Rows (``--dispatchers``):
 
 * ``einsum``: one-hot einsum dispatch with ``MoEConfig.group_size='auto'`` (the einsum picks its own group
   size, see ``dispatch.einsum_group_size``) and ``capacity_compute='auto'`` (on CPU 'filled': the experts run
   as a per-expert loop on all ``G*C`` buffer rows);
-* ``einsum_full``: the same with ``capacity_compute='full'`` (one batched matmul over the buffer, as before
-  session 9 on CPU);
+* ``einsum_full``: the same with ``capacity_compute='full'`` (one batched matmul over the buffer, the
+  other layout of the experts, for an A/B on CPU);
 * ``einsum_seq``: one-hot einsum with one group per sequence (``group_size=None``, S = L);
-* ``einsum_autodiff``: ``einsum`` as it was before session 7, for an A/B in one process: plain autodiff of the
+* ``einsum_autodiff``: ``einsum`` without its custom backward, for an A/B in one process: plain autodiff of the
   combine einsum, whose backward spends a fifth ``[G,S,E,C]`` einsum on the routing weights' gradient
   (``dispatch.einsum_combine_weighted`` gathers it instead), and the products as ``jnp.einsum`` (XLA:CPU then
   transposes D into the minor position of the ``[E, G*C, D]`` buffers; ``dispatch.einsum_dispatch`` avoids it);
@@ -136,7 +136,7 @@ def parse_args(argv=None):
                         "transposes, gathers, the rest; and the idle time between kernels. PROFILE_TOP=n in the "
                         "environment lists the n largest kernels (default 12)")
     p.add_argument("--dead-output", action="store_true",
-                   help="time the gradients only, not the layer's output y (the tables before session 8): the "
+                   help="time the gradients only, not the layer's output y (the definition of the oldest tables): the "
                         "loss is linear in y, so XLA drops the dense FFN's forward output product and the dense "
                         "baseline runs 5 of its 6 GEMMs; an MoE layer still computes its experts' outputs, which "
                         "the routing weights' gradient reads. Default: y is an output of the timed function, as "
@@ -222,7 +222,7 @@ def main(argv=None):
         return MoEConfig(**kw)
 
     def run_einsum_autodiff(x, decision, experts, capacity, slot_order="choice_major", **_):
-        # the einsum dispatcher as it was before session 7 (row einsum_autodiff): autodiff through both masks,
+        # the einsum dispatcher without its custom backward (row einsum_autodiff): autodiff through both masks,
         # and the einsums written as jnp.einsum (XLA:CPU put D before E*C in their outputs)
         plan = dispatch.make_capacity_plan(decision, capacity, slot_order)
         dispatch_mask, combine_mask = dispatch.einsum_masks(plan, x.shape[1], x.dtype)
@@ -354,7 +354,7 @@ def main(argv=None):
                         with traced_as(name):
                             t0 = time.perf_counter()
                             fn = fn.lower(params, x).compile()
-                        what = fwd_tiling.get(name, "the einsum before session 7")
+                        what = fwd_tiling.get(name, "the einsum without its custom backward")
                         print(f"  compiled {name:10s} E={e} K={k} ({what}): {time.perf_counter() - t0:.1f}s",
                               flush=True)
                 except Exception as err:  # noqa: BLE001  (report and go on)
@@ -452,11 +452,11 @@ def grad_of_loss(jax, loss, dead_output=False):
     """The timed function of a row: ``jit`` of the gradients of ``loss(params, x) -> (scalar, y)`` w.r.t. params
     and x, returning ``(grads, y)``, as in a model, whose next layer reads the FFN's output y.
 
-    ``dead_output=True`` (``--dead-output``, the tables before session 8): the gradients only. The loss is linear
-    in y, so nothing needs y itself and XLA drops the dense FFN's forward output product: the dense baseline
-    then runs 5 of the 6 GEMMs its FLOP count assumes, while an MoE layer still computes its experts' outputs
+    ``dead_output=True`` (``--dead-output``, the definition of the oldest tables): the gradients only. The loss
+    is linear in y, so nothing needs y itself and XLA drops the dense FFN's forward output product: the dense
+    baseline then runs 5 of the 6 GEMMs its FLOP count assumes, while an MoE layer still computes its experts' outputs
     (the routing weights' gradient reads them). Every ratio to dense came out too large (on CPU the dense step
-    runs one GEMM more with y returned, about 1/6 of it; docs/perf.md, Session 8)."""
+    runs one GEMM more with y returned, about 1/6 of it; docs/perf.md, "What is measured")."""
     if dead_output:
         return jax.jit(jax.grad(lambda params, x: loss(params, x)[0], argnums=(0, 1)))
     return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))

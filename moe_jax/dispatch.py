@@ -138,7 +138,8 @@ def weighted_sum_k(y: Array, weight: Array) -> Array:
     as one batched dot (an einsum over D, accumulated in float32) instead of autodiff's multiply-and-reduce,
     which XLA:CPU hands to YNNPACK as a reduction: forward + backward at ``[8, 1024, K, 512]`` took 8.7 against
     18.3 ms at K=1 and 14.0 against 17.5 ms at K=2, and the layer 0.980-0.996 of its time (docs/perf.md,
-    Session 10). Same values up to summation order; the weights' gradient accumulates in float32."""
+    "What the library does for speed on CPU"). Same values up to summation order; the weights' gradient
+    accumulates in float32."""
     return jnp.sum(y * weight[..., None], axis=-2)
 
 
@@ -231,7 +232,7 @@ def einsum_group_size(seq_len: int, num_experts: int, k: int, hidden: int) -> in
 # output is ``[G, E*C, D]`` (D minor) and the change to the experts' ``[E, G*C, D]`` is a transpose of whole
 # D-rows. ``jnp.einsum('gsec,gsd->egcd')`` let XLA:CPU emit ``[G, D, E*C]`` and then transpose D into the minor
 # position, element by element: about 12 ms per transpose at E=64, T=8192, D=512, three of them per step
-# (docs/perf.md, session 7).
+# (docs/perf.md, "What the library does for speed on CPU").
 
 
 def einsum_dispatch(x: Array, dispatch_mask: Array) -> Array:
@@ -401,8 +402,8 @@ def sorted_counts(sorted_key: Array, num_experts: int) -> Array:
     """``sorted_key [N]`` (expert ids in ascending order; ``num_experts`` = invalid, sorted last) -> ``[E]``
     int32 rows per expert, from E + 1 binary searches. ``jnp.bincount`` gives the same counts with a
     scatter-add of N ones into E + 1 counters; on an H200 the dropless layer at N = 131072, E = 8 spent 0.87 ms
-    in a scatter fusion that the E = 64 run did not show, most likely that one (docs/perf.md, session 6; not
-    re-measured since). On CPU the two cost the same."""
+    in a scatter fusion that the E = 64 run did not show, most likely that one (docs/perf.md, "GPU: what is
+    known"; not re-measured since). On CPU the two cost the same."""
     bounds = jnp.searchsorted(sorted_key, jnp.arange(num_experts + 1, dtype=sorted_key.dtype), side="left")
     return (bounds[1:] - bounds[:-1]).astype(jnp.int32)
 
@@ -551,7 +552,7 @@ def run_soft(x, decision, experts, *_, **__) -> DispatchResult:
 
 def _all_rows(xe: Array) -> Array:
     """``[E]``: all ``N`` rows of a buffer ``xe [E, N, D]`` (``BatchedExperts(xe, rows_used)`` then runs the
-    per-expert loop on every row: on XLA:CPU faster than the batched matmul, docs/perf.md, Session 9)."""
+    per-expert loop on every row: on XLA:CPU faster than the batched matmul, docs/perf.md, "Every E")."""
     return jnp.full((xe.shape[0],), xe.shape[1], jnp.int32)
 
 
@@ -618,7 +619,7 @@ def default_dispatcher(backend: Optional[str] = None) -> str:
     docs/perf.md): ``'scatter'`` on CPU (1-thread XLA:CPU) and on GPU (H100, H200; bf16) alike. The einsum
     costs more at every E on CPU and at K=2 on GPU (at K=1, E <= 32 on an H200 its 'auto' groups ran 2-7%
     faster, but they drop more tokens). Dropless is another semantics (no drops): on CPU it costs more at small
-    K/E; on an H200 dropless 'gmm' beat it at T=65536, E=8 and tied at E=64, and (with session 5's
+    K/E; on an H200 dropless 'gmm' beat it at T=65536, E=8 and tied at E=64, and (with JAX's
     forward kernel) lost at T=8192."""
     backend = backend or jax.default_backend()
     return "scatter"

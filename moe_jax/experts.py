@@ -58,7 +58,7 @@ def narrow_matmul(x: Array, w: Array) -> Array:
     Why: XLA:CPU runs the weight gradient of a narrow projection, a dot that contracts the row axis of both
     operands into a ``[D, E]`` result, much slower than the same sums into ``[E, D]`` (jax 0.10.2, one
     thread, N = 8192, D = 512: E=8 11.98 against 1.86 ms, E=64 15.84 against 5.52 ms; the gain shrinks as E
-    nears D, and E = 2D loses: docs/results/cpu_session9/narrow_dw.txt). The barrier keeps XLA from folding
+    nears D, and E = 2D loses: experiments/probes/narrow_weight_grad.py). The barrier keeps XLA from folding
     the small ``[E, D]`` transpose back into the dot.
     """
     return x @ w
@@ -208,9 +208,9 @@ class BatchedExperts(nn.Module):
 def sorted_rows_chunk(num_rows: int, num_experts: int) -> int:
     """Chunk size Q of ``sorted_rows_ffn`` (dropless): 1.25 times the mean rows per expert, rounded up to a
     multiple of 16, at least 16. Most experts then fit one chunk, and the remainder's quantum (Q / 16) and
-    padded tiles stay small: the dropless layer took 0.95-0.98 of its time with twice the mean (the choice
-    until session 9) at every E in {8, 16, 32, 64} and K in {1, 2} (XLA:CPU, T=8192, one process, 7 paired
-    rounds; 1.5 times the mean: 0.96-1.00; docs/results/cpu_session9/ab_chunk.txt)."""
+    padded tiles stay small: the dropless layer took 0.95-0.98 of its time with twice the mean (the earlier
+    choice) at every E in {8, 16, 32, 64} and K in {1, 2} (XLA:CPU, T=8192, one process, 7 paired
+    rounds; 1.5 times the mean: 0.96-1.00; experiments/probes/ab_dropless_chunk.py)."""
     return max(16, -(-5 * num_rows // (num_experts * 4 * 16)) * 16)
 
 
@@ -261,13 +261,14 @@ def _rows_t_matmul(u, v):
     XLA:CPU runs a dot that contracts the row axis of both operands as a plain dot, and the same product
     with the transpose copied out (``[F, r]``, small next to the product; the barrier keeps XLA from folding
     the transpose back into the dot) as a YNNPACK fusion: the E=64, K=1 `scatter` layer measured 745 -> 707 ms
-    (docs/perf.md, Session 4), with bit-identical gradients.
+    in an in-process A/B (jax 0.10.2), with bit-identical gradients.
 
     XLA:CPU's transpose is 2-7x slower per byte when the transposed rows are a multiple of 128 values long
     (``r % 128 == 0``; jax 0.10.2: ``[1024, 1024]`` 7.6 ms against 1.4 ms for ``[1040, 1024]``), which is
     some pieces of the dropless loop (T*K = 8192, E=8: chunk 1280, quantum 80, so r = 640 and 1280) and a full
-    capacity buffer at some E. Such products run as ``r - 16`` rows through the transpose plus the last 16 as a plain dot (r=1024,
-    F=1024, D=512: 11.9 ms against 17.3; docs/perf.md, Session 7); their sum is rounded in another order.
+    capacity buffer at some E. Such products run as ``r - 16`` rows through the transpose plus the last 16 as
+    a plain dot (r=1024, F=1024, D=512: 11.9 ms against 17.3; experiments/probes/transpose_rows_multiple_of_128.py);
+    their sum is rounded in another order.
     """
     r = u.shape[0]
     if r > 128 and r % 128 == 0:

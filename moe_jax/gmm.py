@@ -98,7 +98,7 @@ JAX_FWD_TILING = Tiling(128, 128, 64, 4, 4, "jax")
 # The warp-specialized forward kernel (moe_jax.gmm_mgpu): 128 x (2 x 128) CTA tiles; 3 pipeline steps is the
 # most that fits in shared memory with the epilogue's buffer at block_k = 64. At the layer bar's shape
 # (131072 rows, D=1024, F=4096) it ran the forward / input-gradient GEMMs at 87% / 97% of a dense matmul at E=8
-# (JAX's kernel: 76% / 90%) and 69% / 86% at E=64 (64% / 78%); docs/perf.md, session 6.
+# (JAX's kernel: 76% / 90%) and 69% / 86% at E=64 (64% / 78%); docs/perf.md, "GPU: what is known".
 WS_TILING = Tiling(128, 128, 64, 3, 4, "ws")
 # Defaults: the 'ws' forward kernel (it falls back to JAX's where the output width is not a multiple of 128);
 # weight gradient: JAX's transposed_ragged_dot_mgpu with 64x256 tiles (best at E=64 in both sweeps; at E=8,

@@ -19,7 +19,7 @@ whose two column halves share the row block of ``x``. That is the structure of J
 
 Pallas is imported only when the kernel is traced: on a Hopper GPU, or on CPU in JAX's Pallas Mosaic GPU
 interpreter (``interpret=``, how ``tests/test_gmm.py`` checks it). Measured on an H200 in docs/perf.md,
-session 6, in the version before ``tile_table`` (each tile scanned the group sizes); the table is not
+"GPU: what is known", in the version before ``tile_table`` (each tile scanned the group sizes); the table is not
 measured on a GPU yet.
 """
 from __future__ import annotations

@@ -50,7 +50,7 @@ def test_timed_function_keeps_the_dense_output_product():
     """The layer benchmark times the gradients *and* y. A dense FFN y = gelu(x wi) wo with loss sum(y * r) needs
     3 products per weight matrix, 6 in all: forward x wi and a wo; backward dy wo^T, a^T dy (d wo), dh wi^T,
     x^T dh (d wi). But the loss is linear in y: the gradients never read y itself, so without y as an output
-    XLA drops the forward product a wo and runs 5 (``dead_output=True``, the tables before session 8), while an
+    XLA drops the forward product a wo and runs 5 (``dead_output=True``, the oldest tables' definition), while an
     MoE layer must compute its experts' outputs (the routing weights' gradient reads them)."""
     import re
 

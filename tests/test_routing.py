@@ -247,8 +247,8 @@ def test_router_gate_gradients_match_the_plain_product(monkeypatch):
 
 def test_narrow_matmul_weight_gradient_is_computed_as_e_by_d_on_cpu():
     # The point of narrow_matmul: the compiled weight gradient is a dot into [E, D] (then a small transpose),
-    # not a dot into [D, E], which XLA:CPU runs several times slower (docs/perf.md, Session 9). Without the barrier
-    # XLA folds the transpose back and the [E, D] dot disappears.
+    # not a dot into [D, E], which XLA:CPU runs several times slower (docs/perf.md, "What the library does for
+    # speed on CPU"). Without the barrier XLA folds the transpose back and the [E, D] dot disappears.
     if jax.default_backend() != "cpu":
         pytest.skip("checks XLA:CPU's compiled dots")
     from moe_jax.experts import narrow_matmul
