@@ -37,7 +37,7 @@ from flax import struct
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import parallel
 from moe_jax import losses, routing
-from moe_jax import routers_extra  # noqa: F401  (registers base, sinkhorn, hash, soft_moe, deepseek, ...)
+from moe_jax import routers  # noqa: F401  (registers base, sinkhorn, hash, soft_moe, deepseek, ...)
 from moe_jax.capacity import compute_capacity
 from moe_jax.experts import ACTIVATIONS, BatchedExperts, DenseFFN
 
@@ -86,7 +86,7 @@ class MoEConfig:
     Losses (weights of the aux terms in ``MoEStats.aux_loss``):
       lb_loss_coef (Switch), z_loss_coef (ST-MoE), importance_loss_coef, load_loss_coef (Shazeer),
       dynamic_loss_coef (top_p's router-entropy loss), seq_aux_coef (DeepSeek-V3 sequence-wise balance, alpha).
-    Router-specific (``moe_jax.routers_extra``):
+    Router-specific (``moe_jax.routers``):
       top_p: cumulative-probability threshold p of router='top_p' (Huang et al. 2024; k is the cap K_max).
       confidence_threshold: router='confidence' takes top-1 if its probability exceeds this, else top-2.
       num_slots: Soft MoE slots per expert (C of router='soft_moe').

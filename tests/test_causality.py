@@ -18,8 +18,8 @@ import pytest
 from moe_jax import routing
 from moe_jax.moe import MoEConfig, MoELayer
 
-if importlib.util.find_spec("moe_jax.routers_extra") is not None:  # routers added by other modules register too
-    importlib.import_module("moe_jax.routers_extra")
+if importlib.util.find_spec("moe_jax.routers") is not None:  # routers added by other modules register too
+    importlib.import_module("moe_jax.routers")
 
 B, L, D, E = 2, 8, 8, 4
 

@@ -1,4 +1,4 @@
-"""Routers of ``moe_jax.routers_extra``: BASE, S-BASE, hash, Soft MoE, DeepSeek, batch priority, top-p, confidence.
+"""Routers of the ``moe_jax.routers`` package: BASE, S-BASE, hash, Soft MoE, DeepSeek, batch priority, top-p, confidence.
 
 Hand-built examples: the gate kernel is set so that the logits are known numbers (``x`` rows are unit vectors
 or ``[m, 0]``), and the expected experts, slots and weights are derived in the comments. Plus equivalence with
@@ -17,8 +17,7 @@ from moe_jax import dispatch, routing
 from moe_jax.capacity import compute_capacity
 from moe_jax.experts import BatchedExperts
 from moe_jax.moe import MoEConfig, MoELayer, routing_stats
-from moe_jax.routers_extra import (balanced_assignment, fine_grained, hash_expert, sequence_balance_loss,
-                                   sinkhorn_log)
+from moe_jax.routers import balanced_assignment, fine_grained, hash_expert, sequence_balance_loss, sinkhorn_log
 
 
 # These graphs are tiny and run in microseconds: the tests pay for compilation, which LLVM optimisation makes
@@ -522,3 +521,4 @@ def test_every_router_is_causal_iff_its_flag_says_so():
             assert drops > 0, f"{name}: the check needs capacity drops"
     wrong = {n: v for n, v in report.items() if v[0] == routing.get_router_class(n).causal}
     assert not wrong, f"measured leak disagrees with the causal flag (name: (leaks, drop_fraction)): {wrong}"
+
