@@ -522,3 +522,15 @@ def test_every_router_is_causal_iff_its_flag_says_so():
     wrong = {n: v for n, v in report.items() if v[0] == routing.get_router_class(n).causal}
     assert not wrong, f"measured leak disagrees with the causal flag (name: (leaks, drop_fraction)): {wrong}"
 
+
+def test_registry_names_are_stable_and_each_module_name_says_its_routers():
+    # The registry names are configs' public API; the module of each router is named after its family.
+    where = {"top_k": "routing", "switch": "routing", "gshard": "routing", "mixtral": "routing",
+             "noisy_top_k": "routing", "expert_choice": "routing",
+             "base": "routers.balanced", "sinkhorn": "routers.balanced", "hash": "routers.hash",
+             "soft_moe": "routers.soft_moe", "deepseek": "routers.deepseek",
+             "batch_prioritized": "routers.batch_prioritized", "top_p": "routers.dynamic_k",
+             "confidence": "routers.dynamic_k"}
+    assert routing.router_names() == sorted(where)
+    for name, module in where.items():
+        assert routing.get_router_class(name).__module__ == f"moe_jax.{module}", name
