@@ -745,13 +745,18 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
 # Command line: prepare the cache and print the numbers.
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def cli_parser() -> argparse.ArgumentParser:
+    """``python -m moe_jax.data``'s options; their defaults are those of ``configs/base.py``'s ``data``."""
     p = argparse.ArgumentParser(description="Prepare a corpus and tokenizer; print sizes and timings.")
     p.add_argument("--corpus", default=DEFAULT_CORPUS)
     p.add_argument("--tokenizer", default="bpe", choices=["bytes", "bpe"])
-    p.add_argument("--vocab_size", type=int, default=8192)
+    p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--cache_dir", default="")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    a = cli_parser().parse_args(argv)
     t0 = time.perf_counter()
     corpus = load_corpus(a.corpus, a.cache_dir or None)
     t1 = time.perf_counter()
