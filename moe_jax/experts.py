@@ -41,7 +41,7 @@ def on_rows(f: Callable[[Array], Array], x: Array, feature_dims: int = 1) -> Arr
 
     Why: the weight gradient of a projection applied to ``[B, L, D]`` contracts over two token axes, and
     XLA:CPU runs that dot far slower than the same product over one flattened axis (jax 0.10.2, one thread,
-    ``[8, 1024, 512] @ [512, 1024]`` forward + backward: 437 ms against 293 ms; docs/perf.md). The reshape
+    ``[8, 1024, 512] @ [512, 1024]`` forward + backward: 385 ms against 268 ms; docs/perf.md). The reshape
     is free (row-major), so every token-wise projection in the package goes through here.
     """
     lead = x.shape[:x.ndim - feature_dims]

@@ -20,7 +20,7 @@ Backends (``backend=``):
   one partial tile per group). bfloat16/float16 only; ``D`` and ``F`` multiples of 64.
 * ``'xla'``: ``jax.lax.ragged_dot`` / ``ragged_dot_general``. Correct on every backend, and the reference
   the tests compare against; but with jax 0.10/0.11 both CPU and GPU lower it to a dense masked product (G
-  times the work and memory; docs/perf.md, the H100 table), so it is not a fast path anywhere. It keeps the
+  times the work and memory; docs/perf.md, "GPU: what is known"), so it is not a fast path anywhere. It keeps the
   Mosaic kernels' hazards, so that CPU tests catch a caller who trips them: its forward output is NaN in
   the rows past the groups (the Mosaic kernel writes nothing there), and a non-finite value in those rows
   makes the weight gradient NaN (the Mosaic kernel masks them by multiplying by 0).
