@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.experts import ACTIVATIONS, DenseFFN, on_rows
+from moe_jax import losses
 from moe_jax.moe import MoEConfig, MoELayer
 
 Array = jax.Array
@@ -259,14 +260,16 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: ``h + Attn(norm(h))``, then ``h + FFN(norm(h))`` with a dense or MoE FFN.
 
-    ``__call__(h[B, L, D], token_ids[B, L], train) -> (h[B, L, D], MoEStats or None)``.
+    ``__call__(h[B, L, D], token_ids[B, L], train, return_routing, replay) -> (h[B, L, D], MoEStats or None)``
+    (``return_routing`` and ``replay [B, L, K]``: ``MoELayer``'s).
     """
 
     config: ModelConfig
     use_moe: bool
 
     @nn.compact
-    def __call__(self, h: Array, token_ids: Array, train: bool):
+    def __call__(self, h: Array, token_ids: Array, train: bool, return_routing: bool = False,
+                 replay: Optional[Array] = None):
         cfg = self.config
         dtype = cfg.compute_dtype
         norm = lambda name: nn.RMSNorm(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32, name=name)
@@ -277,7 +280,8 @@ class Block(nn.Module):
         h = h + drop(attn(norm("attn_norm")(h)).astype(jnp.float32))
         x = norm("ffn_norm")(h)
         if self.use_moe:
-            y, stats = MoELayer(cfg.moe, causal=True, dtype=dtype, name="moe")(x, train=train, token_ids=token_ids)
+            y, stats = MoELayer(cfg.moe, causal=True, dtype=dtype, name="moe")(
+                x, train=train, token_ids=token_ids, return_routing=return_routing, replay=replay)
         else:
             y, stats = DenseFFN(cfg.d_ff, cfg.activation, cfg.glu, dtype=dtype, name="ffn")(x), None
         return h + drop(y.astype(jnp.float32)), stats
@@ -289,7 +293,13 @@ class Transformer(nn.Module):
     ``aux``: ``aux_loss`` (scalar float32: sum of the MoE layers' weighted aux losses; 0 for a dense model),
     ``losses`` and ``metrics`` (dicts of the MoE layers' unweighted losses and metrics stacked on a leading
     ``[num_moe_layers]`` axis, e.g. ``metrics['expert_load']: [n, E]``; empty for a dense model). Layer
-    ``j`` of those stacks is block ``config.moe_blocks[j]``.
+    ``j`` of those stacks is block ``config.moe_blocks[j]``. With ``moe.lb_scope='layers'``, ``aux_loss``
+    holds ``lb_loss_coef`` times the load-balancing loss pooled over all MoE layers (transformers' causal LMs),
+    also reported as ``aux['pooled_load_balancing']``; ``losses['load_balancing']`` stays per layer.
+
+    Routing replay: ``return_routing=True`` adds ``aux['routing']`` (``expert_index`` and ``weights``
+    ``[n, B, L, K]``, token-choice routers); ``replay=aux['routing']['expert_index']`` (``[n, B, L, K]`` int)
+    runs a forward pass with those experts (``MoELayer``).
     """
 
     config: ModelConfig
@@ -304,14 +314,19 @@ class Transformer(nn.Module):
             self.unembed = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                                     param_dtype=jnp.float32, kernel_init=nn.initializers.normal(stddev=0.02))
 
-    def __call__(self, tokens: Array, *, train: bool = False) -> Tuple[Array, Dict[str, Any]]:
+    def __call__(self, tokens: Array, *, train: bool = False, return_routing: bool = False,
+                 replay: Optional[Array] = None) -> Tuple[Array, Dict[str, Any]]:
         if tokens.ndim != 2:
             raise ValueError(f"Transformer expects tokens of shape [B, L], got {tokens.shape}.")
         cfg = self.config
+        n_moe = len(cfg.moe_blocks)
+        if replay is not None and (replay.ndim != 4 or replay.shape[0] != n_moe):
+            raise ValueError(f"Transformer: replay must be [num_moe_layers={n_moe}, B, L, K], got {replay.shape}.")
         h = self.embed(tokens)  # [B, L, D] float32
         all_stats = []
         for block in self.blocks:
-            h, stats = block(h, tokens, train)
+            layer_replay = None if replay is None or not block.use_moe else replay[len(all_stats)]
+            h, stats = block(h, tokens, train, return_routing, layer_replay)
             if stats is not None:
                 all_stats.append(stats)
         h = self.final_norm(h)  # [B, L, D]
@@ -321,19 +336,28 @@ class Transformer(nn.Module):
         else:
             logits = on_rows(self.unembed, h.astype(cfg.compute_dtype))
         logits = logits.astype(jnp.float32)  # [B, L, V]
-        return logits, stack_moe_stats(all_stats)
+        return logits, stack_moe_stats(all_stats, cfg.moe.lb_loss_coef if cfg.moe is not None else 0.0)
 
 
-def stack_moe_stats(all_stats) -> Dict[str, Any]:
-    """Sum the layers' aux losses and stack their losses/metrics on a leading ``[num_moe_layers]`` axis."""
+def stack_moe_stats(all_stats, coef: float = 0.0) -> Dict[str, Any]:
+    """Sum the layers' aux losses and stack their losses/metrics on a leading ``[num_moe_layers]`` axis.
+
+    ``coef``: weight of the load-balancing loss pooled across layers (``lb_scope='layers'``)."""
     if not all_stats:
         return {"aux_loss": jnp.zeros((), jnp.float32), "losses": {}, "metrics": {}}
     stack = lambda *xs: jnp.stack([jnp.asarray(x, jnp.float32) for x in xs])
-    return {
+    out = {
         "aux_loss": sum(s.aux_loss for s in all_stats).astype(jnp.float32),
         "losses": jax.tree.map(stack, *[s.losses for s in all_stats]),
         "metrics": jax.tree.map(stack, *[s.metrics for s in all_stats]),
     }
+    if all_stats[0].balance is not None:  # moe.lb_scope == 'layers': pooled across the MoE layers
+        pooled = losses.pooled_load_balancing([s.balance for s in all_stats])
+        out["pooled_load_balancing"] = pooled
+        out["aux_loss"] = out["aux_loss"] + coef * pooled
+    if all_stats[0].routing is not None:
+        out["routing"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[s.routing for s in all_stats])
+    return out
 
 
 def init_variables(model: Transformer, rng: Array, seq_len: int, batch_size: int = 1) -> Dict[str, Any]:
