@@ -170,7 +170,15 @@ def model_config_from_hf(hf) -> ModelConfig:
                       norm_eps=float(hf.rms_norm_eps), num_kv_heads=hf.num_key_value_heads,
                       head_dim=None if dh * h == d else dh, qkv_bias=biased,
                       out_bias=biased and fam.bias == "attention", qk_norm=fam.qk_norm)
-    return cfg.validate()
+    return canonical(cfg.validate())
+
+
+def canonical(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with the defaults spelled one way (``num_kv_heads`` = Hkv, ``head_dim`` None when D / H), so
+    that configs from transformers and from a run directory compare equal."""
+    default_dh = cfg.d_model // cfg.num_heads if cfg.d_model % cfg.num_heads == 0 else None
+    return dataclasses.replace(cfg, num_kv_heads=cfg.kv_heads,
+                               head_dim=None if cfg.resolved_head_dim == default_dh else cfg.resolved_head_dim)
 
 
 def infer_family(cfg: ModelConfig) -> str:
@@ -473,3 +481,60 @@ def from_hf_dir(path: str) -> Tuple[ModelConfig, Params]:
     if bad:
         raise ValueError(f"{path}: transformers could not load the checkpoint exactly: {bad}.")
     return from_hf(model.eval())
+
+
+# ------------------------------------------------------------------------------------- run directories
+
+
+def config_fields(cfg: ModelConfig) -> Dict[str, Any]:
+    """``cfg`` as the ``config.model`` fields of a training config (``moe`` as a dict; None -> 0 where the base
+    config has an int)."""
+    out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("vocab_size", "moe")}
+    out.update(num_kv_heads=cfg.num_kv_heads or 0, head_dim=cfg.head_dim or 0)
+    out["moe"] = {k: v for k, v in dataclasses.asdict(cfg.moe).items() if v is not None}
+    return out
+
+
+def save_workdir(workdir: str, cfg: ModelConfig, variables: Params, config) -> str:
+    """Write ``variables`` as step 0 of a run directory (``config.json`` + ``checkpoints/0``, fresh AdamW
+    state from ``config.train``), the layout ``moe_jax.train`` writes; ``config`` is a full training
+    ConfigDict whose ``model`` section is replaced by ``cfg``. Read it back with ``load_workdir``, or start a
+    training run from it with ``--config.init.from_dir=WORKDIR --config.init.method=copy`` (the data's
+    tokenizer must have the model's vocabulary). Returns the checkpoint's path."""
+    import json
+    import os
+
+    import jax
+    import jax.numpy as jnp
+
+    from moe_jax import train as train_lib
+
+    workdir = train_lib.check_workdir(workdir)
+    mngr = train_lib._checkpoint_manager(workdir, int(config.train.keep_ckpts))
+    if mngr.all_steps():
+        raise ValueError(f"--workdir {workdir} already holds checkpoints {list(mngr.all_steps())}; choose a new one.")
+    fields = config_fields(cfg)
+    config.model.update({k: v for k, v in fields.items() if k != "moe"})
+    config.model.moe.update(fields["moe"])
+    if canonical(train_lib.validate_config(config, cfg.vocab_size)) != canonical(cfg):
+        raise ValueError("moe_jax.hf.save_workdir: the training config does not reproduce the model config.")
+    params = jax.tree.map(jnp.asarray, variables["params"])
+    tx, _ = train_lib.make_optimizer(config.train)
+    state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                 moe_state={})
+    resolved = train_lib.resolved_config(config, cfg.vocab_size)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(resolved, f, indent=2)
+    step = train_lib._save(mngr, state, {}, resolved, {"elapsed_s": 0.0, "flops": 0.0})
+    return os.path.join(workdir, train_lib.CKPT_DIR, str(step))
+
+
+def load_workdir(workdir: str, step: int = -1) -> Tuple[ModelConfig, Params]:
+    """``(ModelConfig, variables)`` of a run directory's checkpoint (-1: the latest), without its data."""
+    from moe_jax.upcycle import read_run
+
+    run = read_run(workdir, step)
+    variables = {"params": run.params}
+    if run.moe_state:
+        variables["moe_state"] = run.moe_state
+    return canonical(run.model_config()), variables

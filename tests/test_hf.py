@@ -189,3 +189,29 @@ def test_export_refuses_what_a_family_cannot_express():
     biased = dataclasses.replace(cfg, qkv_bias=True)
     with pytest.raises(ValueError, match=r"model\.qkv_bias/out_bias"):
         hf.hf_config_from(biased, "mixtral")
+
+
+def test_convert_script_both_ways_is_bit_exact(tmp_path):
+    """experiments/convert.py: transformers dir -> moe_jax run directory -> transformers dir, every tensor
+    equal; the run directory's config is the imported one."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("convert", os.path.join(os.path.dirname(__file__), "..",
+                                                                          "experiments", "convert.py"))
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    model = _hf_model("qwen2_moe")
+    model.save_pretrained(str(tmp_path / "src"))
+    convert.hf_to_workdir(str(tmp_path / "src"), str(tmp_path / "run"))
+    cfg, _ = hf.load_workdir(str(tmp_path / "run"))
+    assert cfg == hf.model_config_from_hf(model.config)
+    model_type, notes = convert.workdir_to_hf(str(tmp_path / "run"), str(tmp_path / "out"))
+    assert model_type == "qwen2_moe" and notes == []
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).state_dict()
+    want = model.state_dict()
+    assert sorted(back) == sorted(want)
+    for name in want:
+        assert torch.equal(back[name], want[name]), name
+    with pytest.raises(ValueError, match=r"already holds checkpoints"):
+        convert.hf_to_workdir(str(tmp_path / "src"), str(tmp_path / "run"))
