@@ -53,7 +53,7 @@ def _rel(a, b):
 
 
 def _logits(cfg, variables, tokens):
-    return np.asarray(Transformer(cfg).apply(variables, jnp.asarray(tokens))[0])
+    return np.asarray(jax.jit(Transformer(cfg).apply)(variables, jnp.asarray(tokens))[0])
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

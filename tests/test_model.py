@@ -297,7 +297,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads_and_defaults_keep_the_tree():
     its 2 query heads; with num_kv_heads = H (or 0) the param tree is today's (no extra leaves)."""
     gqa = ModelConfig(vocab_size=V, d_model=32, num_layers=1, num_heads=4, d_ff=64, num_kv_heads=2)
     mha = dataclasses.replace(gqa, num_kv_heads=0)
-    vg = init_variables(Transformer(gqa), jax.random.key(0), L)
+    vg = jax.jit(lambda k: init_variables(Transformer(gqa), k, L))(jax.random.key(0))
     vm = jax.tree.map(lambda a: a, vg)
     attn = dict(vm["params"]["block_0"]["attn"])
     for name in ("key", "value"):
@@ -307,8 +307,8 @@ def test_gqa_equals_mha_with_repeated_kv_heads_and_defaults_keep_the_tree():
     assert jax.tree.structure(shapes_mha) == jax.tree.structure(vm)
     assert sorted(shapes_mha["params"]["block_0"]["attn"]) == ["key", "out", "query", "value"]
     tokens = _tokens()
-    yg, _ = Transformer(gqa).apply(vg, tokens)
-    ym, _ = Transformer(mha).apply(vm, tokens)
+    yg, _ = jax.jit(Transformer(gqa).apply)(vg, tokens)
+    ym, _ = jax.jit(Transformer(mha).apply)(vm, tokens)
     np.testing.assert_array_equal(np.asarray(yg), np.asarray(ym))
     c = count_model(gqa, seq_len=L)
     assert c.total_params == _n_params(vg["params"])  # q, out: 32*32 each; k, v: 32*16 each
@@ -319,13 +319,14 @@ def test_tied_embeddings_share_one_array():
     changes logit v at every position even where token v never occurs)."""
     cfg = ModelConfig(vocab_size=V, d_model=32, num_layers=1, num_heads=4, d_ff=64, tie_embeddings=True)
     model = Transformer(cfg)
-    v = init_variables(model, jax.random.key(0), L)
+    v = jax.jit(lambda k: init_variables(model, k, L))(jax.random.key(0))
     assert "unembed" not in v["params"]
     tokens = jnp.zeros((1, L), jnp.int32)  # only token 0 occurs
-    y1, _ = model.apply(v, tokens)
+    apply = jax.jit(model.apply)
+    y1, _ = apply(v, tokens)
     emb = v["params"]["embed"]["embedding"]
     v2 = {"params": {**v["params"], "embed": {"embedding": emb.at[7].add(1.0)}}}
-    y2, _ = model.apply(v2, tokens)
+    y2, _ = apply(v2, tokens)
     d = np.abs(np.asarray(y2 - y1)).max(axis=(0, 1))
     assert d[7] > 1e-3 and np.all(d[np.arange(V) != 7] == 0)
     untied = dataclasses.replace(cfg, tie_embeddings=False)
