@@ -42,7 +42,8 @@ pools ``f`` and ``P`` over all MoE layers and does not divide ``f`` by K, so it 
 differs (``export_notes`` says so).
 
 Refused, each with a message naming the field: an unsupported ``model_type``, an activation other than
-silu, non-default RoPE, sliding-window attention, ``clip_qkv``, attention dropout, dense layers that
+silu, non-default RoPE, sliding-window attention, ``clip_qkv``, attention dropout, router jitter (transformers
+jitters the experts' input as well), dense layers that
 ``first_dense`` cannot express, and any checkpoint with a missing, extra or misshapen tensor.
 """
 from __future__ import annotations
@@ -111,7 +112,8 @@ def _check_expressible(hf, fam: Family) -> None:
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") != "default" or set(rope) - {"rope_type", "rope_theta"}:
         _refuse("rope_parameters", rope, "moe_jax has the default RoPE only (rope_type='default', rope_theta).")
-    if getattr(hf, "sliding_window", None) and (fam.model_type == "mixtral" or getattr(hf, "use_sliding_window", False)):
+    windowed = fam.model_type == "mixtral" or getattr(hf, "use_sliding_window", False)
+    if getattr(hf, "sliding_window", None) and windowed:
         _refuse("sliding_window", hf.sliding_window, "moe_jax has no sliding-window attention; set it to None "
                 "(use_sliding_window=False).")
     layer_types = getattr(hf, "layer_types", None) or []
@@ -119,6 +121,9 @@ def _check_expressible(hf, fam: Family) -> None:
         _refuse("layer_types", layer_types, "moe_jax has full causal attention in every layer only.")
     if getattr(hf, "clip_qkv", None) is not None:
         _refuse("clip_qkv", hf.clip_qkv, "moe_jax does not clip queries, keys and values; set it to None.")
+    if float(getattr(hf, "router_jitter_noise", 0.0) or 0.0) != 0.0:
+        _refuse("router_jitter_noise", hf.router_jitter_noise, "transformers jitters the experts' input too in "
+                "training, moe_jax only the router's; set it to 0.")
     if float(getattr(hf, "attention_dropout", 0.0) or 0.0) != 0.0:
         _refuse("attention_dropout", hf.attention_dropout, "moe_jax has no attention dropout; set it to 0.")
     if fam.norm_topk and hf.num_experts_per_tok == 1 and hf.norm_topk_prob:
@@ -159,7 +164,7 @@ def model_config_from_hf(hf) -> ModelConfig:
     lb = k * float(hf.router_aux_loss_coef) if getattr(hf, "output_router_logits", False) else 0.0
     moe = MoEConfig(num_experts=getattr(hf, fam.experts_field), k=k, router=fam.router,
                     renormalize_top_k=bool(hf.norm_topk_prob) if fam.norm_topk else True,
-                    jitter_eps=float(getattr(hf, "router_jitter_noise", 0.0) or 0.0), dispatcher="dropless",
+                    jitter_eps=0.0, dispatcher="dropless",
                     expert_hidden=getattr(hf, fam.expert_hidden_field), activation="silu", glu=True,
                     lb_loss_coef=lb, z_loss_coef=0.0, lb_scope="layers", **shared)
     biased = bool(getattr(hf, {"qkv": "qkv_bias", "attention": "attention_bias"}.get(fam.bias, "_none"), False))
@@ -209,6 +214,8 @@ def hf_config_from(cfg: ModelConfig, family: Optional[str] = None):
     _need(m.resolved_dispatcher() == "dropless", "model.moe.dispatcher", m.dispatcher, family,
           "transformers' experts never drop a token: train with dispatcher='dropless'.")
     _need(m.activation == "silu" and m.glu, "model.moe.activation", m.activation, family, "needs silu with glu=True.")
+    _need(not m.jitter_eps, "model.moe.jitter_eps", m.jitter_eps, family, "transformers' jitter also scales the "
+          "experts' input; set jitter_eps=0.")
     renorm = resolved_renormalize(m)
     _need(fam.norm_topk or renorm, "model.moe.renormalize_top_k", m.renormalize_top_k, family,
           "Mixtral always renormalizes the top-k weights.")
@@ -243,7 +250,7 @@ def hf_config_from(cfg: ModelConfig, family: Optional[str] = None):
     if fam.norm_topk:
         kw["norm_topk_prob"] = renorm
     if fam.model_type == "mixtral":
-        kw.update(sliding_window=None, router_jitter_noise=float(m.jitter_eps or 0.0))
+        kw.update(sliding_window=None, router_jitter_noise=0.0)
     if fam.bias != "none":
         kw["qkv_bias" if fam.bias == "qkv" else "attention_bias"] = cfg.qkv_bias
     if fam.dense_layers:

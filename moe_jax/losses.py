@@ -61,7 +61,10 @@ def load_balancing_parts(
     real tokens) and ``n_tokens``. Shapes and arguments as ``load_balancing_loss``."""
     num_experts = router_probs.shape[-1]
     m = _mask_or_ones(mask, router_probs.shape[:2])  # [G, S]
-    v = jnp.broadcast_to(m[..., None], expert_index.shape) if valid is None else valid.astype(jnp.float32) * m[..., None]
+    if valid is None:
+        v = jnp.broadcast_to(m[..., None], expert_index.shape)
+    else:
+        v = valid.astype(jnp.float32) * m[..., None]  # [G, S, K]
     return {"counts": jnp.sum(jax.nn.one_hot(expert_index, num_experts) * v[..., None], axis=(0, 1, 2)),
             "n_assigned": jnp.sum(v),
             "prob_sum": jnp.sum(router_probs.astype(jnp.float32) * m[..., None], axis=(0, 1)),

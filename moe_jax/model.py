@@ -150,7 +150,8 @@ class ModelConfig:
             raise ValueError(f"model head width {self.resolved_head_dim} (model.head_dim, or d_model / num_heads) is "
                              "odd, but rotary positions rotate pairs of features: choose an even head width.")
         if self.num_heads % self.kv_heads:
-            raise ValueError(f"model.num_kv_heads={self.num_kv_heads} does not divide model.num_heads={self.num_heads}; "
+            raise ValueError(f"model.num_kv_heads={self.num_kv_heads} does not divide "
+                             f"model.num_heads={self.num_heads}; "
                              "each key/value head serves num_heads / num_kv_heads query heads.")
         if self.qk_norm not in QK_NORMS:
             raise ValueError(f"model.qk_norm: unknown {self.qk_norm!r}; choose one of {list(QK_NORMS)}.")

@@ -52,42 +52,15 @@ def _rel(a, b):
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(b)).max(), 1e-30))
 
 
-def _logits(cfg, variables, tokens):
-    return np.asarray(jax.jit(Transformer(cfg).apply)(variables, jnp.asarray(tokens))[0])
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_logits_export_and_round_trip(family, tmp_path):
-    model = _hf_model(family)
-    tokens = _batch()[:, :-1]
-    with torch.no_grad():
-        ref = model(torch.from_numpy(tokens)).logits.numpy()
-    cfg, variables = hf.from_hf(model)
-    ours = _logits(cfg, variables, tokens)
-    assert _rel(ours, ref) < 1e-5
-    # export -> a directory transformers loads -> the same logits; and back to moe_jax bit for bit
-    hf.save_hf(cfg, variables, str(tmp_path))
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
-    assert loaded.config.model_type == family
-    with torch.no_grad():
-        assert _rel(loaded(torch.from_numpy(tokens)).logits.numpy(), ours) < 1e-5
-    cfg2, variables2 = hf.from_hf_dir(str(tmp_path))
-    assert cfg2 == cfg
-    flat = lambda v: jax.tree_util.tree_flatten_with_path(v)[0]
-    assert [p for p, _ in flat(variables2)] == [p for p, _ in flat(variables)]
-    for (path, a), (_, b) in zip(flat(variables2), flat(variables)):
-        np.testing.assert_array_equal(a, b, err_msg=str(path))
-    # the original transformers tensors come back exactly too
-    back = hf.state_dict_from_params(cfg, variables, family)
-    for name, t in model.state_dict().items():
-        np.testing.assert_array_equal(back[name], t.numpy(), err_msg=name)
+def test_family_logits_loss_gradients_export_and_round_trip(family, tmp_path):
+    """One family end to end:
 
-
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_training_loss_and_gradients_match_transformers(family):
-    """transformers' training loss (cross-entropy + router_aux_loss_coef * its pooled load-balancing loss)
-    equals the loss of moe_jax's train step with the mapped coefficients (lb_scope='layers', lb_loss_coef =
-    K * router_aux_loss_coef, no z-loss), and so do all gradients."""
+    * logits of the imported model == transformers' (1e-5 relative);
+    * transformers' training loss (cross-entropy + router_aux_loss_coef * its pooled load-balancing loss) ==
+      the loss of moe_jax's train step with the mapped coefficients (lb_scope='layers', lb_loss_coef =
+      K * router_aux_loss_coef, no z-loss), and so are all gradients;
+    * export -> a directory transformers loads -> the same logits; and back, bit for bit."""
     import optax
 
     from moe_jax import train as train_lib
@@ -97,23 +70,26 @@ def test_training_loss_and_gradients_match_transformers(family):
     assert cfg.moe.lb_scope == "layers" and cfg.moe.z_loss_coef == 0.0
     assert cfg.moe.lb_loss_coef == pytest.approx(2 * 0.02)
     batch = _batch(1)
-    model.train()
+    inputs = np.ascontiguousarray(batch[:, :-1])
+    model.train()  # no dropout, no jitter in these configs: the logits are the eval logits
     try:
         model.zero_grad()
-        out = model(torch.from_numpy(np.ascontiguousarray(batch[:, :-1])), labels=torch.zeros(B, L, dtype=torch.long),
+        out = model(torch.from_numpy(inputs), labels=torch.zeros(B, L, dtype=torch.long),
                     shift_labels=torch.from_numpy(np.ascontiguousarray(batch[:, 1:])))
         out.loss.backward()
     finally:
         model.eval()
     assert out.aux_loss.item() > 1.0  # K * moe_jax's (which is ~1 near balance): the aux term is in the loss
     grads_hf = {name: p.grad for name, p in model.named_parameters()}
+    ref_logits = out.logits.detach().numpy()
 
     def loss_fn(params):  # the loss of moe_jax.train's train step
-        logits, aux = Transformer(cfg).apply({"params": params}, jnp.asarray(batch[:, :-1]), train=True,
+        logits, aux = Transformer(cfg).apply({"params": params}, jnp.asarray(inputs), train=True,
                                              rngs={"router": jax.random.key(0)})
-        return train_lib.cross_entropy(logits, jnp.asarray(batch[:, 1:])) + aux["aux_loss"], aux["aux_loss"]
+        return train_lib.cross_entropy(logits, jnp.asarray(batch[:, 1:])) + aux["aux_loss"], (aux["aux_loss"], logits)
 
-    (loss, aux_loss), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+    (loss, (aux_loss, logits)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+    assert _rel(logits, ref_logits) < 1e-5
     assert _rel(loss, out.loss.item()) < 1e-5
     assert _rel(aux_loss, 0.02 * out.aux_loss.item()) < 1e-5
     want = hf.params_from_state_dict(cfg, grads_hf, family)["params"]
@@ -128,6 +104,23 @@ def test_training_loss_and_gradients_match_transformers(family):
         _, metrics = jax.jit(step)(state, jnp.asarray(batch, jnp.int32), jax.random.key(0))
         assert _rel(metrics["loss"], out.loss.item()) < 1e-5
 
+    # export -> a directory transformers loads -> the same logits; and back to moe_jax bit for bit
+    hf.save_hf(cfg, variables, str(tmp_path))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert loaded.config.model_type == family
+    with torch.no_grad():
+        assert _rel(loaded(torch.from_numpy(inputs)).logits.numpy(), logits) < 1e-5
+    cfg2, variables2 = hf.from_hf_dir(str(tmp_path))
+    assert cfg2 == cfg
+    flat = lambda v: jax.tree_util.tree_flatten_with_path(v)[0]
+    assert [p for p, _ in flat(variables2)] == [p for p, _ in flat(variables)]
+    for (path, a), (_, b) in zip(flat(variables2), flat(variables)):
+        np.testing.assert_array_equal(a, b, err_msg=str(path))
+    # the original transformers tensors come back exactly too
+    back = hf.state_dict_from_params(cfg, variables, family)
+    for name, t in model.state_dict().items():
+        np.testing.assert_array_equal(back[name], t.numpy(), err_msg=name)
+
 
 # ------------------------------------------------------------------------------------------ refusals
 
@@ -136,6 +129,7 @@ def test_training_loss_and_gradients_match_transformers(family):
     ("mixtral", dict(sliding_window=4), r"sliding_window=4"),
     ("qwen2_moe", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0), r"sliding_window|layer_types"),
     ("olmoe", dict(clip_qkv=2.0), r"clip_qkv=2\.0"),
+    ("mixtral", dict(router_jitter_noise=0.1), r"router_jitter_noise=0\.1"),
     ("mixtral", dict(hidden_act="gelu"), r"hidden_act='gelu'"),
     ("qwen3_moe", dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}), r"rope_parameters"),
     ("qwen2_moe", dict(num_hidden_layers=3, mlp_only_layers=[1]), r"mlp_only_layers=\[1\]"),

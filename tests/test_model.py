@@ -241,7 +241,8 @@ def _np_rotary(x, base):  # x: [B, L, H, Dh], the rotate-half layout
     _, l, _, dh = x.shape
     inv = 1.0 / base ** (np.arange(0, dh, 2) / dh)
     ang = np.arange(l)[:, None] * inv[None]  # [L, Dh/2]
-    cos, sin = np.cos(np.concatenate([ang, ang], -1))[None, :, None], np.sin(np.concatenate([ang, ang], -1))[None, :, None]
+    ang = np.concatenate([ang, ang], -1)[None, :, None]  # [1, L, 1, Dh]
+    cos, sin = np.cos(ang), np.sin(ang)
     rot = np.concatenate([-x[..., dh // 2:], x[..., : dh // 2]], -1)
     return x * cos + rot * sin
 
