@@ -131,7 +131,7 @@ def _check_expressible(hf, fam: Family) -> None:
                 "gradient; moe_jax refuses that (set norm_topk_prob=False).")
     if fam.qk_norm == "all" and (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads) * \
             hf.num_attention_heads != hf.hidden_size:
-        _refuse("head_dim", hf.head_dim, "OLMoE's q/k norms have hidden_size features: head_dim * "
+        _refuse("head_dim", getattr(hf, "head_dim", None), "OLMoE's q/k norms have hidden_size features: head_dim * "
                 "num_attention_heads must equal hidden_size.")
 
 
