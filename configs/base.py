@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         d_model=256, num_layers=4, num_heads=4, d_ff=1024, activation="gelu", glu=False, tie_embeddings=True,
         dtype="float32",
+        rope_base=10000.0, norm_eps=1e-6,  # rotary base (transformers' rope_theta), RMSNorm epsilon
+        num_kv_heads=0, head_dim=0,  # 0 = num_heads (grouped-query attention if fewer), d_model / num_heads
+        qkv_bias=False, out_bias=False,  # attention projection biases
+        qk_norm="none",  # 'none' | 'head' (Qwen3) | 'all' (OLMoE): RMSNorm on queries and keys
         moe_every=0,  # 0 = all dense; n = blocks i with (i + 1) % n == 0 are MoE
         first_dense=0,  # the first k blocks are dense regardless
         dropout=0.0,  # residual dropout (training only)

@@ -96,7 +96,11 @@ def count_model(cfg: ModelConfig, seq_len: int) -> ModelCounts:
     mult = lambda glu: 3 if glu else 2  # wi, wo (+ wg)
     embedding = v * d
     norms = 2 * d * n_layers + d
-    attention = 4 * d * d * n_layers
+    h, hkv, dh = cfg.num_heads, cfg.kv_heads, cfg.resolved_head_dim
+    attn_bias = (h + 2 * hkv) * dh * cfg.qkv_bias + d * cfg.out_bias
+    qk_norm = {"none": 0, "head": 2 * dh, "all": (h + hkv) * dh}[cfg.qk_norm]
+    attention = (2 * (h + hkv) * dh * d) * n_layers  # query, key, value, out kernels (4 D^2 for MHA)
+    norms += (attn_bias + qk_norm) * n_layers
     dense_ffn = mult(cfg.glu) * d * cfg.d_ff
     n_moe = len(cfg.moe_blocks)
     n_dense = n_layers - n_moe
@@ -125,7 +129,7 @@ def count_model(cfg: ModelConfig, seq_len: int) -> ModelCounts:
     total = embedding + norms + attention + n_dense * dense_ffn + routed + moe_other + unembed
     active = total - routed + routed_active
     matmul = attention + n_dense * dense_ffn + routed_active + moe_other + v * d
-    attn_flops = 12 * n_layers * seq_len * d
+    attn_flops = 12 * n_layers * seq_len * h * dh
     return ModelCounts(
         total_params=total,
         active_params=active,

@@ -23,7 +23,8 @@ switch          ``SwitchTransformersSparseMLP``:            router 'switch' (top
                 ``expert_capacity``                         and sequence (see below), einsum dispatcher
 qwen2_moe       ``Qwen2MoeSparseMoeBlock``: as mixtral      router 'top_k' (``renormalize_top_k`` =
                 (``norm_topk_prob``) + ``shared_expert``    ``norm_topk_prob``), dropless, one shared expert
-                MLP and ``shared_expert_gate [1,D]``        ``shared/{wg,wi,wo}`` (see below)
+                MLP and ``shared_expert_gate [1,D]``        ``shared/{wg,wi,wo}`` with its sigmoid gate
+                                                            ``shared_gate/kernel [D,1]`` (see below)
 deepseek_v3     ``DeepseekV3MoE``: ``gate.weight [E,D]``,   router 'deepseek' (sigmoid, group-limited,
                 ``gate.e_score_correction_bias [E]``,       ``routed_scaling``), ``moe_state/router/
                 experts as mixtral, ``shared_experts`` MLP  expert_bias``, ``shared/{wg,wi,wo}``, dropless
@@ -44,9 +45,8 @@ Semantic differences found (the tests pin each one):
   tokens: the first ``C`` tokens of each sequence that choose an expert (Switch's priority is the token
   position, as moe_jax's choice-major order for K = 1). Dropped tokens give 0 in both. transformers
   routes a dropped token nowhere but still reports its argmax expert to the loss, as moe_jax does.
-* **Qwen2-MoE's shared-expert gate** ``sigmoid(x . g) * shared(x)`` has no moe_jax counterpart (shared experts
-  are always on, ungated). The conversion is exact only when ``g = 0`` (a constant gate of 1/2, folded into
-  ``shared/wo``); ``from_hf`` refuses a non-zero gate, ``to_hf`` writes ``g = 0`` and ``2 * wo``.
+* **Qwen2-MoE's shared-expert gate** ``sigmoid(x . g) * shared(x)`` is ``MoEConfig.shared_expert_gate``
+  (``to_hf`` refuses ungated shared experts for this kind).
 * **DeepSeek-V3**: transformers implements neither the sequence-wise balance loss nor the bias update (those
   are training-side); only the forward pass and the bias (``e_score_correction_bias`` <-> ``expert_bias``)
   are compared. Group scores are the sum of the top-2 biased scores in both (transformers needs >= 2 experts
@@ -122,15 +122,15 @@ def _fused_to_hf(experts, p: Params) -> None:
     _set(experts.down_proj, np.asarray(p["wo"]).transpose(0, 2, 1))  # [E, D, F]
 
 
-def _mlp_from_hf(mlp, scale: float = 1.0) -> Params:
+def _mlp_from_hf(mlp) -> Params:
     """A gated MLP (gate_proj, up_proj, down_proj Linears) -> DenseFFN params ``{wg, wi [D,F], wo [F,D]}``."""
-    return {"wg": _np(mlp.gate_proj.weight).T, "wi": _np(mlp.up_proj.weight).T, "wo": scale * _np(mlp.down_proj.weight).T}
+    return {"wg": _np(mlp.gate_proj.weight).T, "wi": _np(mlp.up_proj.weight).T, "wo": _np(mlp.down_proj.weight).T}
 
 
-def _mlp_to_hf(mlp, p: Params, scale: float = 1.0) -> None:
+def _mlp_to_hf(mlp, p: Params) -> None:
     _set(mlp.gate_proj.weight, np.asarray(p["wg"]).T)
     _set(mlp.up_proj.weight, np.asarray(p["wi"]).T)
-    _set(mlp.down_proj.weight, scale * np.asarray(p["wo"]).T)
+    _set(mlp.down_proj.weight, np.asarray(p["wo"]).T)
 
 
 def _f32(tree):
@@ -203,14 +203,15 @@ class _Qwen2Moe(_Mixtral):
         return MoEConfig(num_experts=hf.num_experts, k=k, router="top_k", renormalize_top_k=bool(hf.norm_topk_prob),
                          dispatcher="dropless", expert_hidden=hf.moe_intermediate_size,
                          activation=_act_from_hf(hf.hidden_act, "hidden_act"), glu=True, num_shared_experts=1,
-                         shared_expert_hidden=hf.shared_expert_intermediate_size)
+                         shared_expert_hidden=hf.shared_expert_intermediate_size, shared_expert_gate=True)
 
     def hf_config(self, cfg, d_model, seq_len):
         from transformers import Qwen2MoeConfig
 
-        if cfg.router not in ("top_k", "mixtral") or cfg.num_shared_experts != 1:
-            raise ValueError(f"to_hf('qwen2_moe'): needs moe.router='top_k' (or 'mixtral') and num_shared_experts=1 "
-                             f"(got router={cfg.router!r}, num_shared_experts={cfg.num_shared_experts}).")
+        if cfg.router not in ("top_k", "mixtral") or cfg.num_shared_experts != 1 or not cfg.shared_expert_gate:
+            raise ValueError(f"to_hf('qwen2_moe'): needs moe.router='top_k' (or 'mixtral'), num_shared_experts=1 and "
+                             f"shared_expert_gate=True (got router={cfg.router!r}, num_shared_experts="
+                             f"{cfg.num_shared_experts}, shared_expert_gate={cfg.shared_expert_gate}).")
         from moe_jax.routing import resolved_renormalize
 
         return Qwen2MoeConfig(hidden_size=d_model, moe_intermediate_size=cfg.expert_hidden, num_experts=cfg.num_experts,
@@ -224,20 +225,15 @@ class _Qwen2Moe(_Mixtral):
         return Qwen2MoeSparseMoeBlock(hf)
 
     def params_from_hf(self, block, cfg):
-        g = _np(block.shared_expert_gate.weight)
-        if np.any(g != 0):
-            raise ValueError("qwen2_moe: the shared expert's sigmoid gate (shared_expert_gate.weight) is non-zero; "
-                             "moe_jax's shared experts are ungated, so the conversion is exact only for a zero gate "
-                             "(a constant 1/2). Zero shared_expert_gate.weight first, or keep the block in "
-                             "transformers.")
         params = super().params_from_hf(block, cfg)
-        params["shared"] = _mlp_from_hf(block.shared_expert, scale=0.5)  # sigmoid(0) = 1/2, folded into wo
+        params["shared"] = _mlp_from_hf(block.shared_expert)
+        params["shared_gate"] = {"kernel": _np(block.shared_expert_gate.weight).T}  # [D, 1]
         return params
 
     def params_to_hf(self, block, cfg, variables):
         super().params_to_hf(block, cfg, variables)
-        _mlp_to_hf(block.shared_expert, variables["params"]["shared"], scale=2.0)
-        _set(block.shared_expert_gate.weight, np.zeros(tuple(block.shared_expert_gate.weight.shape)))
+        _mlp_to_hf(block.shared_expert, variables["params"]["shared"])
+        _set(block.shared_expert_gate.weight, np.asarray(variables["params"]["shared_gate"]["kernel"]).T)
 
 
 class _DeepseekV3(_Mixtral):

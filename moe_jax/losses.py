@@ -5,7 +5,7 @@ Axes: ``G`` groups, ``S`` tokens per group, ``E`` experts, ``K`` experts per tok
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,37 @@ def load_balancing_loss(
     f = counts / jnp.maximum(jnp.sum(v), 1.0)
     p = jnp.sum(router_probs.astype(jnp.float32) * m[..., None], axis=(0, 1)) / jnp.maximum(jnp.sum(m), 1.0)
     return num_experts * jnp.sum(jax.lax.stop_gradient(f) * p)
+
+
+def load_balancing_parts(
+    router_probs: jax.Array,
+    expert_index: jax.Array,
+    mask: Optional[jax.Array] = None,
+    valid: Optional[jax.Array] = None,
+) -> Dict[str, jax.Array]:
+    """The sums behind ``load_balancing_loss``, to pool over several layers or devices before the product:
+    ``counts [E]`` (assignments per expert), ``n_assigned``, ``prob_sum [E]`` (router probability summed over
+    real tokens) and ``n_tokens``. Shapes and arguments as ``load_balancing_loss``."""
+    num_experts = router_probs.shape[-1]
+    m = _mask_or_ones(mask, router_probs.shape[:2])  # [G, S]
+    if valid is None:
+        v = jnp.broadcast_to(m[..., None], expert_index.shape)
+    else:
+        v = valid.astype(jnp.float32) * m[..., None]  # [G, S, K]
+    return {"counts": jnp.sum(jax.nn.one_hot(expert_index, num_experts) * v[..., None], axis=(0, 1, 2)),
+            "n_assigned": jnp.sum(v),
+            "prob_sum": jnp.sum(router_probs.astype(jnp.float32) * m[..., None], axis=(0, 1)),
+            "n_tokens": jnp.sum(m)}
+
+
+def pooled_load_balancing(parts: Sequence[Dict[str, jax.Array]]) -> jax.Array:
+    """``E * sum_e f_e * P_e`` with ``f`` and ``P`` pooled over every entry of ``parts`` (layers, devices)
+    before the product, as transformers' ``load_balancing_loss_func`` pools the layers of a causal LM (whose
+    value is K times this one: it does not divide ``f`` by K). 1.0 at perfect balance."""
+    total = lambda name: sum(p[name] for p in parts)
+    f = total("counts") / jnp.maximum(total("n_assigned"), 1.0)
+    p = total("prob_sum") / jnp.maximum(total("n_tokens"), 1.0)
+    return f.shape[-1] * jnp.sum(jax.lax.stop_gradient(f) * p)
 
 
 def router_z_loss(router_logits: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:

@@ -1,12 +1,13 @@
 """Decoder-only Transformer language model whose blocks use a dense FFN or an MoE layer.
 
 Axes (see ``moe_jax.moe``): ``B`` batch, ``L`` sequence length, ``D`` model width, ``H`` heads,
-``Dh = D / H`` head width, ``F`` FFN width, ``V`` vocabulary.
+``Dh`` head width (``D / H`` unless ``head_dim`` is set), ``Hkv`` key/value heads (grouped-query attention;
+``Hkv = H`` by default), ``F`` FFN width, ``V`` vocabulary.
 
 Architecture (pre-norm, as GPT-2/T5/LLaMA)::
 
     h_0 = Embed(tokens)                                    # [B, L, D]
-    for block i:  h = h + Attn(RMSNorm(h))                  # causal MHA, rotary positions (Su et al. 2021)
+    for block i:  h = h + Attn(RMSNorm(h))                  # causal MHA/GQA, rotary positions (Su et al. 2021)
                   h = h + FFN_i(RMSNorm(h))                 # DenseFFN or MoELayer, per the layout
     logits = RMSNorm(h) @ W_out  (W_out = Embed^T if tied) # [B, L, V], float32
 
@@ -40,12 +41,14 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.experts import ACTIVATIONS, DenseFFN, on_rows
+from moe_jax import losses
 from moe_jax.moe import MoEConfig, MoELayer
 
 Array = jax.Array
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MOE_STATE = "moe_state"  # variable collection of non-gradient router state
+QK_NORMS = ("none", "head", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +62,16 @@ class ModelConfig:
       tie_embeddings: the output projection is the transposed input embedding.
       dtype: compute dtype name, 'float32' or 'bfloat16' (params stay float32).
       moe_every, first_dense: the layout (module docstring). moe: the MoE layers' config (None if dense).
-      rope_base: rotary base frequency. norm_eps: RMSNorm epsilon.
+      rope_base: rotary base frequency (transformers' ``rope_theta``). norm_eps: RMSNorm epsilon (of every
+        norm, the q/k norms included).
+      num_kv_heads: Hkv, key/value heads of grouped-query attention (Ainslie et al. 2023): query head ``h``
+        reads key/value head ``h // (H / Hkv)``. None or 0 = H (multi-head attention).
+      head_dim: Dh; None or 0 = D / H.
+      qkv_bias: biases on the query, key and value projections (Qwen2). out_bias: a bias on the output
+        projection (with qkv_bias: transformers' ``attention_bias``, OLMoE/Qwen3).
+      qk_norm: RMSNorm on queries and keys before the rotation: 'none', 'head' (over each head's Dh
+        features, one scale ``[Dh]`` shared by the heads: Qwen3) or 'all' (over all of a token's query
+        (key) features, a scale ``[H, Dh]`` (``[Hkv, Dh]``): OLMoE).
       dropout: residual dropout rate on the attention and FFN outputs (training only; rng stream
         ``'dropout'``). On a 5 MB corpus several epochs overfit, and the larger (MoE) models more so.
     """
@@ -79,6 +91,11 @@ class ModelConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     dropout: float = 0.0
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: str = "none"
 
     @classmethod
     def from_config(cls, model_cfg, vocab_size: int) -> "ModelConfig":
@@ -95,8 +112,14 @@ class ModelConfig:
         return cls(vocab_size=vocab_size, moe=moe_cfg, **d)
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
+    def resolved_head_dim(self) -> int:
+        """Dh: ``head_dim`` or ``D / H``."""
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Hkv: ``num_kv_heads`` or H."""
+        return self.num_kv_heads or self.num_heads
 
     @property
     def compute_dtype(self):
@@ -115,12 +138,25 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}.")
-        if self.d_model % self.num_heads:
+        for name in ("num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"model.{name} must be a positive integer, or None/0 for the default, got {value!r}.")
+        if not self.head_dim and self.d_model % self.num_heads:
             raise ValueError(f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}; "
-                             "choose num_heads among the divisors of d_model (head width = d_model / num_heads).")
-        if self.head_dim % 2:
-            raise ValueError(f"model.d_model / model.num_heads = {self.head_dim} is odd, but rotary positions "
-                             "rotate pairs of features: choose d_model and num_heads with an even head width.")
+                             "choose num_heads among the divisors of d_model (head width = d_model / num_heads), "
+                             "or set model.head_dim.")
+        if self.resolved_head_dim % 2:
+            raise ValueError(f"model head width {self.resolved_head_dim} (model.head_dim, or d_model / num_heads) is "
+                             "odd, but rotary positions rotate pairs of features: choose an even head width.")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"model.num_kv_heads={self.num_kv_heads} does not divide "
+                             f"model.num_heads={self.num_heads}; "
+                             "each key/value head serves num_heads / num_kv_heads query heads.")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"model.qk_norm: unknown {self.qk_norm!r}; choose one of {list(QK_NORMS)}.")
+        if not self.norm_eps > 0:
+            raise ValueError(f"model.norm_eps must be > 0, got {self.norm_eps!r}.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"model.activation: unknown {self.activation!r}; choose one of {sorted(ACTIVATIONS)}.")
         if self.dtype not in DTYPES:
@@ -173,56 +209,80 @@ def _dense_init():
 
 
 class CausalSelfAttention(nn.Module):
-    """``x[B, L, D] -> [B, L, D]``: multi-head attention with a causal mask and rotary q/k.
+    """``x[B, L, D] -> [B, L, D]``: multi-head (or grouped-query) attention, causal mask, rotary q/k.
 
-    Params: ``query``, ``key``, ``value`` kernels ``[D, H, Dh]``, ``out`` kernel ``[H, Dh, D]`` (no biases):
-    ``4 * D * D`` in all. Scores and softmax in float32.
+    Params: ``query`` kernel ``[D, H, Dh]``, ``key`` and ``value`` kernels ``[D, Hkv, Dh]``, ``out`` kernel
+    ``[H, Dh, D]``; with ``qkv_bias`` a ``bias`` ``[H, Dh]`` (``[Hkv, Dh]``) on each of the first three, with
+    ``out_bias`` a ``bias`` ``[D]`` on ``out``; with ``qk_norm`` ``q_norm/scale`` and ``k_norm/scale``
+    (``ModelConfig``). By default (``Hkv = H``, ``Dh = D / H``, no bias, no norm): ``4 * D * D`` params.
+    Query head ``h`` attends with key/value head ``h // (H / Hkv)``. Scores and softmax in float32.
     """
 
     num_heads: int
     rope_base: float = 10000.0
     dtype: Any = jnp.float32
+    num_kv_heads: Optional[int] = None  # None = num_heads
+    head_dim: Optional[int] = None  # None = D / H
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: str = "none"
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, l, d = x.shape
         h = self.num_heads
-        dh = d // h
-        proj = lambda name: nn.DenseGeneral((h, dh), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                                            kernel_init=_dense_init(), name=name)
-        q = rotary(on_rows(proj("query"), x), self.rope_base)  # [B, L, H, Dh]
-        k = rotary(on_rows(proj("key"), x), self.rope_base)  # [B, L, H, Dh]
-        v = on_rows(proj("value"), x)  # [B, L, H, Dh]
+        hkv = self.num_kv_heads or h
+        dh = self.head_dim or d // h
+        proj = lambda name, heads: nn.DenseGeneral((heads, dh), use_bias=self.qkv_bias, dtype=self.dtype,
+                                                   param_dtype=jnp.float32, kernel_init=_dense_init(), name=name)
+        q = on_rows(proj("query", h), x)  # [B, L, H, Dh]
+        k = on_rows(proj("key", hkv), x)  # [B, L, Hkv, Dh]
+        v = on_rows(proj("value", hkv), x)  # [B, L, Hkv, Dh]
+        if self.qk_norm != "none":
+            axes = (-1,) if self.qk_norm == "head" else (-2, -1)
+            norm = lambda name: nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype, param_dtype=jnp.float32,
+                                           reduction_axes=axes, feature_axes=axes, name=name)
+            q, k = norm("q_norm")(q), norm("k_norm")(k)
+        q = rotary(q, self.rope_base)
+        # Each key/value head serves H / Hkv consecutive query heads (transformers' repeat_kv); no-op for MHA.
+        k = jnp.repeat(rotary(k, self.rope_base), h // hkv, axis=2)  # [B, L, H, Dh]
+        v = jnp.repeat(v, h // hkv, axis=2)  # [B, L, H, Dh]
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(dh)
         causal = jnp.tril(jnp.ones((l, l), bool))  # [L(q), L(k)]
         scores = jnp.where(causal[None, None], scores, jnp.finfo(jnp.float32).min)  # [B, H, L, L]
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, L, H, Dh]
-        out_proj = nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                                   kernel_init=_dense_init(), name="out")
+        out_proj = nn.DenseGeneral(d, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
+                                   param_dtype=jnp.float32, kernel_init=_dense_init(), name="out")
         return on_rows(out_proj, out, feature_dims=2)  # [B, L, D]
 
 
 class Block(nn.Module):
     """Pre-norm block: ``h + Attn(norm(h))``, then ``h + FFN(norm(h))`` with a dense or MoE FFN.
 
-    ``__call__(h[B, L, D], token_ids[B, L], train) -> (h[B, L, D], MoEStats or None)``.
+    ``__call__(h[B, L, D], token_ids[B, L], train, return_routing, replay) -> (h[B, L, D], MoEStats or None)``
+    (``return_routing`` and ``replay [B, L, K]``: ``MoELayer``'s).
     """
 
     config: ModelConfig
     use_moe: bool
 
     @nn.compact
-    def __call__(self, h: Array, token_ids: Array, train: bool):
+    def __call__(self, h: Array, token_ids: Array, train: bool, return_routing: bool = False,
+                 replay: Optional[Array] = None):
         cfg = self.config
         dtype = cfg.compute_dtype
         norm = lambda name: nn.RMSNorm(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32, name=name)
         drop = lambda y: nn.Dropout(cfg.dropout, deterministic=not train)(y) if cfg.dropout > 0 else y
-        h = h + drop(CausalSelfAttention(cfg.num_heads, cfg.rope_base, dtype, name="attn")(
-            norm("attn_norm")(h)).astype(jnp.float32))
+        attn = CausalSelfAttention(cfg.num_heads, cfg.rope_base, dtype, num_kv_heads=cfg.kv_heads,
+                                   head_dim=cfg.resolved_head_dim, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
+                                   qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, name="attn")
+        h = h + drop(attn(norm("attn_norm")(h)).astype(jnp.float32))
         x = norm("ffn_norm")(h)
         if self.use_moe:
-            y, stats = MoELayer(cfg.moe, causal=True, dtype=dtype, name="moe")(x, train=train, token_ids=token_ids)
+            y, stats = MoELayer(cfg.moe, causal=True, dtype=dtype, name="moe")(
+                x, train=train, token_ids=token_ids, return_routing=return_routing, replay=replay)
         else:
             y, stats = DenseFFN(cfg.d_ff, cfg.activation, cfg.glu, dtype=dtype, name="ffn")(x), None
         return h + drop(y.astype(jnp.float32)), stats
@@ -234,7 +294,13 @@ class Transformer(nn.Module):
     ``aux``: ``aux_loss`` (scalar float32: sum of the MoE layers' weighted aux losses; 0 for a dense model),
     ``losses`` and ``metrics`` (dicts of the MoE layers' unweighted losses and metrics stacked on a leading
     ``[num_moe_layers]`` axis, e.g. ``metrics['expert_load']: [n, E]``; empty for a dense model). Layer
-    ``j`` of those stacks is block ``config.moe_blocks[j]``.
+    ``j`` of those stacks is block ``config.moe_blocks[j]``. With ``moe.lb_scope='layers'``, ``aux_loss``
+    holds ``lb_loss_coef`` times the load-balancing loss pooled over all MoE layers (transformers' causal LMs),
+    also reported as ``aux['pooled_load_balancing']``; ``losses['load_balancing']`` stays per layer.
+
+    Routing replay: ``return_routing=True`` adds ``aux['routing']`` (``expert_index`` and ``weights``
+    ``[n, B, L, K]``, token-choice routers); ``replay=aux['routing']['expert_index']`` (``[n, B, L, K]`` int)
+    runs a forward pass with those experts (``MoELayer``).
     """
 
     config: ModelConfig
@@ -249,14 +315,19 @@ class Transformer(nn.Module):
             self.unembed = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                                     param_dtype=jnp.float32, kernel_init=nn.initializers.normal(stddev=0.02))
 
-    def __call__(self, tokens: Array, *, train: bool = False) -> Tuple[Array, Dict[str, Any]]:
+    def __call__(self, tokens: Array, *, train: bool = False, return_routing: bool = False,
+                 replay: Optional[Array] = None) -> Tuple[Array, Dict[str, Any]]:
         if tokens.ndim != 2:
             raise ValueError(f"Transformer expects tokens of shape [B, L], got {tokens.shape}.")
         cfg = self.config
+        n_moe = len(cfg.moe_blocks)
+        if replay is not None and (replay.ndim != 4 or replay.shape[0] != n_moe):
+            raise ValueError(f"Transformer: replay must be [num_moe_layers={n_moe}, B, L, K], got {replay.shape}.")
         h = self.embed(tokens)  # [B, L, D] float32
         all_stats = []
         for block in self.blocks:
-            h, stats = block(h, tokens, train)
+            layer_replay = None if replay is None or not block.use_moe else replay[len(all_stats)]
+            h, stats = block(h, tokens, train, return_routing, layer_replay)
             if stats is not None:
                 all_stats.append(stats)
         h = self.final_norm(h)  # [B, L, D]
@@ -266,19 +337,28 @@ class Transformer(nn.Module):
         else:
             logits = on_rows(self.unembed, h.astype(cfg.compute_dtype))
         logits = logits.astype(jnp.float32)  # [B, L, V]
-        return logits, stack_moe_stats(all_stats)
+        return logits, stack_moe_stats(all_stats, cfg.moe.lb_loss_coef if cfg.moe is not None else 0.0)
 
 
-def stack_moe_stats(all_stats) -> Dict[str, Any]:
-    """Sum the layers' aux losses and stack their losses/metrics on a leading ``[num_moe_layers]`` axis."""
+def stack_moe_stats(all_stats, coef: float = 0.0) -> Dict[str, Any]:
+    """Sum the layers' aux losses and stack their losses/metrics on a leading ``[num_moe_layers]`` axis.
+
+    ``coef``: weight of the load-balancing loss pooled across layers (``lb_scope='layers'``)."""
     if not all_stats:
         return {"aux_loss": jnp.zeros((), jnp.float32), "losses": {}, "metrics": {}}
     stack = lambda *xs: jnp.stack([jnp.asarray(x, jnp.float32) for x in xs])
-    return {
+    out = {
         "aux_loss": sum(s.aux_loss for s in all_stats).astype(jnp.float32),
         "losses": jax.tree.map(stack, *[s.losses for s in all_stats]),
         "metrics": jax.tree.map(stack, *[s.metrics for s in all_stats]),
     }
+    if all_stats[0].balance is not None:  # moe.lb_scope == 'layers': pooled across the MoE layers
+        pooled = losses.pooled_load_balancing([s.balance for s in all_stats])
+        out["pooled_load_balancing"] = pooled
+        out["aux_loss"] = out["aux_loss"] + coef * pooled
+    if all_stats[0].routing is not None:
+        out["routing"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[s.routing for s in all_stats])
+    return out
 
 
 def init_variables(model: Transformer, rng: Array, seq_len: int, batch_size: int = 1) -> Dict[str, Any]:

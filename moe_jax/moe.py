@@ -83,9 +83,19 @@ class MoEConfig:
     Experts:
       expert_hidden: F. activation: 'gelu', 'relu', 'silu'. glu: gated (SwiGLU with silu).
       num_shared_experts, shared_expert_hidden: always-on experts (None width = F).
+      shared_expert_gate: scale the shared experts' output by a per-token sigmoid gate,
+        ``sigmoid(x . g) * shared(x)`` with ``g [D, 1]`` (param ``shared_gate/kernel``; Qwen2-MoE's
+        ``shared_expert_gate``). Needs ``num_shared_experts >= 1``.
     Losses (weights of the aux terms in ``MoEStats.aux_loss``):
       lb_loss_coef (Switch), z_loss_coef (ST-MoE), importance_loss_coef, load_loss_coef (Shazeer),
       dynamic_loss_coef (top_p's router-entropy loss), seq_aux_coef (DeepSeek-V3 sequence-wise balance, alpha).
+      lb_scope: over which tokens the load-balancing loss pools ``f`` and ``P`` (``LB_SCOPES``): 'batch' (all
+        tokens of the layer's batch; under ``jit`` on a mesh that is the global batch of every data-parallel
+        device), 'group' (each group of S tokens, then the mean over groups), 'sequence' (each sequence, then
+        the mean: HF Switch, DeepSeek's sequence-wise loss), 'layers' (pooled over the batch and over every
+        MoE layer of the model, as transformers' causal LMs: ``Transformer`` computes it from each layer's
+        ``MoEStats.balance``; the layer's own ``aux_loss`` then leaves it out) or 'global' ('batch', and under
+        ``pmap`` the counts and probabilities are summed over the devices first, ``parallel.PMAP_AXIS``).
     Router-specific (``moe_jax.routers``):
       top_p: cumulative-probability threshold p of router='top_p' (Huang et al. 2024; k is the cap K_max).
       confidence_threshold: router='confidence' takes top-1 if its probability exceeds this, else top-2.
@@ -124,12 +134,14 @@ class MoEConfig:
     glu: bool = False
     num_shared_experts: int = 0
     shared_expert_hidden: Optional[int] = None
+    shared_expert_gate: bool = False
     lb_loss_coef: float = 1e-2
     z_loss_coef: float = 1e-3
     importance_loss_coef: float = 1e-2
     load_loss_coef: float = 1e-2
     dynamic_loss_coef: float = 1e-4
     seq_aux_coef: float = 1e-4
+    lb_scope: str = "batch"
     top_p: float = 0.4
     confidence_threshold: float = 0.5
     num_slots: int = 1
@@ -209,6 +221,11 @@ class MoEConfig:
         if self.resolved_dispatcher() == "dropless" and router_cls.kind != "token_choice":
             raise ValueError(f"moe.dispatcher='dropless' with router {self.router!r}: dropless needs a "
                              "token-choice router. Use dispatcher='scatter' or 'einsum'.")
+        if self.shared_expert_gate and self.num_shared_experts < 1:
+            raise ValueError("moe.shared_expert_gate=True needs moe.num_shared_experts >= 1 (it gates the shared "
+                             "experts' output).")
+        if self.lb_scope not in LB_SCOPES:
+            raise ValueError(f"moe.lb_scope: unknown {self.lb_scope!r}; choose one of {list(LB_SCOPES)}.")
         router_cls.check_config(self)
         if causal and not self.allow_non_causal:
             if not router_cls.causal:
@@ -240,11 +257,17 @@ class MoEStats:
     kept assignments; its mean is ``experts_per_token``). Soft MoE (``kind='soft'``): ``expert_load`` is each
     expert's share of the combine weights, nothing is dropped, ``experts_per_token = E``, ``capacity_factor``
     is ``num_slots * E / S``.
+    ``balance``: with ``lb_scope='layers'`` only, this layer's share of the pooled load-balancing loss
+    (``losses.load_balancing_parts``: ``counts [E]``, ``n_assigned``, ``prob_sum [E]``, ``n_tokens``).
+    ``routing``: only when the layer is called with ``return_routing=True`` (token choice): its decisions,
+    ``expert_index [B, L, K]`` int32 and ``weights [B, L, K]`` (combine weights, before capacity drops).
     """
 
     aux_loss: Array
     losses: Dict[str, Array]
     metrics: Dict[str, Array]
+    balance: Optional[Dict[str, Array]] = None
+    routing: Optional[Dict[str, Array]] = None
 
 
 def _loss_coefs(cfg: MoEConfig) -> Dict[str, float]:
@@ -258,18 +281,58 @@ def _loss_coefs(cfg: MoEConfig) -> Dict[str, float]:
     }
 
 
+def _lb_pooled(probs, index, mask, valid, rows):
+    return losses.load_balancing_loss(probs, index, mask, valid)
+
+
+def _lb_per_part(probs, index, mask, valid, rows):
+    """Mean over ``rows`` equal parts of the tokens (groups or sequences) of each part's loss; parts without a
+    real token count nowhere."""
+    part = lambda a: a.reshape((rows, 1, -1) + a.shape[2:])  # [G, S, ...] -> [R, 1, G*S/R, ...]
+    per = jax.vmap(losses.load_balancing_loss)(part(probs), part(index), part(mask), part(valid))  # [R]
+    real = jnp.any(part(mask), axis=(1, 2)).astype(jnp.float32)
+    return jnp.sum(per * real) / jnp.maximum(jnp.sum(real), 1.0)
+
+
+def _lb_global(probs, index, mask, valid, rows):
+    parts = losses.load_balancing_parts(probs, index, mask, valid)
+    try:  # under pmap: pool over the devices of the data-parallel axis
+        parts = jax.lax.psum(parts, parallel.PMAP_AXIS)
+    except NameError:  # no such axis bound: the batch is already global
+        pass
+    return losses.pooled_load_balancing([parts])
+
+
+#: lb_scope -> ``fn(router_probs [G, S, E], expert_index [G, S, K], mask [G, S], valid [G, S, K], rows)``,
+#: the layer's load-balancing loss (``rows``: groups for 'group', sequences for 'sequence'). For 'layers' the
+#: layer's own pooled value is reported, and ``Transformer`` pools across layers.
+LB_SCOPES = {
+    "batch": _lb_pooled,
+    "group": lambda p, i, m, v, rows: _lb_per_part(p, i, m, v, p.shape[0]),
+    "sequence": _lb_per_part,
+    "layers": _lb_pooled,
+    "global": _lb_global,
+}
+
+
 def routing_stats(cfg: MoEConfig, decision: routing.RoutingDecision, kept: Array, mask: Array,
-                  capacity: Optional[int]) -> MoEStats:
-    """Aux losses and metrics of one routing decision (pure; shapes in ``MoEStats``)."""
+                  capacity: Optional[int], num_sequences: Optional[int] = None) -> MoEStats:
+    """Aux losses and metrics of one routing decision (pure; shapes in ``MoEStats``).
+
+    ``num_sequences``: B, for ``lb_scope='sequence'`` (default: one sequence per group)."""
     e = cfg.num_experts
     m = mask.astype(jnp.float32)  # [G, S]
     n_tokens = jnp.maximum(jnp.sum(m), 1.0)
     group_size = mask.shape[1]
+    balance = None
     terms = {"z_loss": losses.router_z_loss(decision.router_logits, mask)}
     extra_metrics = {}
     if decision.kind == "token_choice":
-        terms["load_balancing"] = losses.load_balancing_loss(decision.router_probs, decision.expert_index,
-                                                             mask, decision.valid)
+        terms["load_balancing"] = LB_SCOPES[cfg.lb_scope](decision.router_probs, decision.expert_index, mask,
+                                                          decision.valid, num_sequences or mask.shape[0])
+        if cfg.lb_scope == "layers":
+            balance = losses.load_balancing_parts(decision.router_probs, decision.expert_index, mask,
+                                                  decision.valid)
         assigned = decision.valid.astype(jnp.float32) * m[..., None]  # [G, S, K]
         per_expert = jnp.sum(jax.nn.one_hot(decision.expert_index, e) * assigned[..., None], axis=(0, 1, 2))
         n_assigned = jnp.maximum(jnp.sum(assigned), 1.0)
@@ -317,8 +380,9 @@ def routing_stats(cfg: MoEConfig, decision: routing.RoutingDecision, kept: Array
     if unknown:
         raise ValueError(f"router {cfg.router!r} returned aux loss(es) {unknown} with no weight in moe._loss_coefs; "
                          "add a coefficient field to MoEConfig and an entry in _loss_coefs.")
-    aux = sum(coefs[name] * value for name, value in terms.items())
-    return MoEStats(aux_loss=jnp.asarray(aux, jnp.float32), losses=terms, metrics=metrics)
+    pooled_elsewhere = {"load_balancing"} if balance is not None else set()  # Transformer pools it
+    aux = sum(coefs[name] * value for name, value in terms.items() if name not in pooled_elsewhere)
+    return MoEStats(aux_loss=jnp.asarray(aux, jnp.float32), losses=terms, metrics=metrics, balance=balance)
 
 
 class MoELayer(nn.Module):
@@ -329,7 +393,10 @@ class MoELayer(nn.Module):
       causal: the layer sits in a causal model (validation refuses non-causal routing unless opted in).
       dtype: compute dtype of the experts (the router is always float32); params are float32.
     Call arguments: ``mask`` (1 = real token; padding is routed nowhere and counts in no statistic),
-    ``train`` (capacity factor, jitter, noise), ``token_ids [B, L]`` (hash routing).
+    ``train`` (capacity factor, jitter, noise), ``token_ids [B, L]`` (hash routing), ``return_routing`` (put
+    the decisions in ``MoEStats.routing``), ``replay [B, L, K]`` int (routing replay: use these experts instead
+    of the router's choice; the combine weights are recomputed from the router at those experts, so the router
+    still gets its gradient: ``routing.Router.replay``).
     """
 
     config: MoEConfig
@@ -338,7 +405,7 @@ class MoELayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, mask: Optional[Array] = None, *, train: bool = False,
-                 token_ids: Optional[Array] = None):
+                 token_ids: Optional[Array] = None, return_routing: bool = False, replay: Optional[Array] = None):
         cfg = self.config.validate(self.causal)
         if x.ndim != 3:
             raise ValueError(f"MoELayer expects x of shape [B, L, D], got {x.shape}.")
@@ -374,6 +441,10 @@ class MoELayer(nn.Module):
             capacity = compute_capacity(s, cfg.num_experts, cfg.k, cf, cfg.capacity_multiple, cfg.min_capacity)
         router = router_cls(cfg, name="router")
         decision = router(xg, mg, capacity=capacity, train=train, token_ids=tg)
+        if replay is not None:
+            if replay.shape != (b, l, cfg.k):
+                raise ValueError(f"MoELayer: replay shape {replay.shape} != (B, L, K) = {(b, l, cfg.k)}.")
+            decision = router_cls.replay(cfg, decision, replay.reshape(g, s, cfg.k).astype(jnp.int32))
         experts = BatchedExperts(cfg.num_experts, d, cfg.expert_hidden, cfg.activation, cfg.glu,
                                  dtype=self.dtype, name="experts")
         mesh = parallel.context_mesh()  # set by `with jax.set_mesh(mesh)`; see parallel.py
@@ -392,6 +463,14 @@ class MoELayer(nn.Module):
         if cfg.num_shared_experts > 0:
             width = cfg.num_shared_experts * (cfg.shared_expert_hidden or cfg.expert_hidden)
             # n shared experts of width F are exactly one FFN of width n*F (the hidden units just concatenate).
-            y = y + DenseFFN(width, cfg.activation, cfg.glu, dtype=self.dtype, name="shared")(xg)
-        stats = routing_stats(cfg, decision, result.kept, mg, capacity)
+            shared = DenseFFN(width, cfg.activation, cfg.glu, dtype=self.dtype, name="shared")(xg)  # [G, S, D]
+            if cfg.shared_expert_gate:
+                gate = nn.Dense(1, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                                kernel_init=nn.initializers.normal(stddev=cfg.router_init_std), name="shared_gate")
+                shared = jax.nn.sigmoid(gate(xg).astype(jnp.float32)).astype(shared.dtype) * shared
+            y = y + shared
+        stats = routing_stats(cfg, decision, result.kept, mg, capacity, num_sequences=b)
+        if return_routing and decision.kind == "token_choice":
+            stats = stats.replace(routing={"expert_index": decision.expert_index.reshape(b, l, -1),
+                                           "weights": decision.combine_weights.reshape(b, l, -1)})
         return y.reshape(b, l, d).astype(x.dtype), stats  # [B, L, D]

@@ -120,6 +120,14 @@ class Router(nn.Module):
     def check_config(cls, config) -> None:
         """Raise ``ValueError`` naming the field and the fix if ``config`` does not fit this router."""
 
+    @classmethod
+    def replay(cls, config, decision: "RoutingDecision", expert_index: Array) -> "RoutingDecision":
+        """Routing replay: ``decision`` with its experts replaced by ``expert_index [G, S, K]`` and the combine
+        weights this router gives those experts (so that gradients still reach the router). Routers that
+        cannot recompute their weights for given experts refuse."""
+        raise ValueError(f"moe.router={config.router!r} does not support routing replay; routers that do: "
+                         f"{[n for n in router_names() if get_router_class(n).replay is not Router.replay]}.")
+
     def logits(self, x: Array) -> Array:
         """``[G, S, D] -> [G, S, E]`` float32 logits of a bias-free linear gate."""
         gate = nn.Dense(
@@ -204,6 +212,15 @@ class TopKRouter(Router):
             router_logits=logits,
             router_probs=probs,
         )
+
+    @classmethod
+    def replay(cls, config, decision, expert_index):
+        """The probabilities at the given experts (renormalized as ``__call__`` does); the same values and
+        gradients as ``__call__`` when ``expert_index`` is its own choice."""
+        weights = jnp.take_along_axis(decision.router_probs, expert_index, axis=-1)  # [G, S, K]
+        if resolved_renormalize(config):
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        return decision.replace(combine_weights=weights, expert_index=expert_index)
 
 
 @register_router("switch")

@@ -1,4 +1,5 @@
 """The Transformer LM: config validation, layout, causality (dense and MoE), bf16, and the FLOPs/params count."""
+import dataclasses
 import math
 
 import jax
@@ -227,3 +228,120 @@ def test_counts_other_routers_match_init(router, extra, router_params):
     experts_per_token = 4 * 2 / 1 if router == "soft_moe" else moe.k  # soft: E * slots / S with S = 1
     assert c.active_params == c.total_params - c.routed_expert_params + round(
         experts_per_token * c.routed_expert_params / 4)
+
+
+# ------------------------------------------------------------- attention options (GQA, biases, q/k norm)
+
+
+def _np_rms(x, scale, eps, axes):
+    return x / np.sqrt(np.mean(x * x, axis=axes, keepdims=True) + eps) * scale
+
+
+def _np_rotary(x, base):  # x: [B, L, H, Dh], the rotate-half layout
+    _, l, _, dh = x.shape
+    inv = 1.0 / base ** (np.arange(0, dh, 2) / dh)
+    ang = np.arange(l)[:, None] * inv[None]  # [L, Dh/2]
+    ang = np.concatenate([ang, ang], -1)[None, :, None]  # [1, L, 1, Dh]
+    cos, sin = np.cos(ang), np.sin(ang)
+    rot = np.concatenate([-x[..., dh // 2:], x[..., : dh // 2]], -1)
+    return x * cos + rot * sin
+
+
+def _np_attention(p, x, h, hkv, dh, qk_norm, eps, base):
+    """Reference: transformers' eager attention written out in numpy (float64), params in moe_jax's layout."""
+    lin = lambda name: np.einsum("bld,dhe->blhe", x, p[name]["kernel"]) + p[name].get("bias", 0.0)
+    q, k, v = lin("query"), lin("key"), lin("value")
+    if qk_norm != "none":
+        axes = (-1,) if qk_norm == "head" else (-2, -1)
+        q, k = _np_rms(q, p["q_norm"]["scale"], eps, axes), _np_rms(k, p["k_norm"]["scale"], eps, axes)
+    q, k = _np_rotary(q, base), _np_rotary(k, base)
+    k, v = np.repeat(k, h // hkv, axis=2), np.repeat(v, h // hkv, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dh)
+    l = x.shape[1]
+    s = np.where(np.tril(np.ones((l, l), bool)), s, -np.inf)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,bkhd->bqhd", a, v)
+    return np.einsum("bqhd,hde->bqe", out, p["out"]["kernel"]) + p["out"].get("bias", 0.0)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(num_kv_heads=2, qkv_bias=True, qk_norm="head"),  # Qwen3-MoE-like (head_dim != D / H)
+    dict(num_kv_heads=1, qkv_bias=True, out_bias=True, qk_norm="all", rope_base=500.0, norm_eps=1e-5),  # OLMoE
+])
+def test_attention_options_match_numpy_reference(opts):
+    from moe_jax.model import CausalSelfAttention
+
+    h, dh = 4, 6
+    opts = dict(opts)
+    base, eps = opts.pop("rope_base", 10000.0), opts.pop("norm_eps", 1e-6)
+    attn = CausalSelfAttention(h, base, head_dim=dh, norm_eps=eps, **opts)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 16)), jnp.float32)
+    params = attn.init(jax.random.key(0), x)["params"]
+    # random (not init's ones/zeros) norm scales and biases, so that a misplaced one shows
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32), params)
+    hkv = opts["num_kv_heads"]
+    assert params["key"]["kernel"].shape == (16, hkv, dh) and params["query"]["kernel"].shape == (16, h, dh)
+    assert params["query"]["bias"].shape == (h, dh) and params["value"]["bias"].shape == (hkv, dh)
+    assert ("bias" in params["out"]) == opts.get("out_bias", False)
+    norm_shape = (dh,) if opts["qk_norm"] == "head" else (hkv, dh)
+    assert params["k_norm"]["scale"].shape == norm_shape
+    y = attn.apply({"params": params}, x)
+    p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    ref = _np_attention(p64, np.asarray(x, np.float64), h, hkv, dh, opts["qk_norm"], eps, base)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads_and_defaults_keep_the_tree():
+    """A GQA model (Hkv = 2 of H = 4) equals the MHA model whose key/value kernels repeat each kv head for
+    its 2 query heads; with num_kv_heads = H (or 0) the param tree is today's (no extra leaves)."""
+    gqa = ModelConfig(vocab_size=V, d_model=32, num_layers=1, num_heads=4, d_ff=64, num_kv_heads=2)
+    mha = dataclasses.replace(gqa, num_kv_heads=0)
+    vg = jax.jit(lambda k: init_variables(Transformer(gqa), k, L))(jax.random.key(0))
+    vm = jax.tree.map(lambda a: a, vg)
+    attn = dict(vm["params"]["block_0"]["attn"])
+    for name in ("key", "value"):
+        attn[name] = {"kernel": jnp.repeat(vg["params"]["block_0"]["attn"][name]["kernel"], 2, axis=1)}
+    vm["params"]["block_0"]["attn"] = attn
+    shapes_mha = jax.eval_shape(lambda: init_variables(Transformer(mha), jax.random.key(0), L))
+    assert jax.tree.structure(shapes_mha) == jax.tree.structure(vm)
+    assert sorted(shapes_mha["params"]["block_0"]["attn"]) == ["key", "out", "query", "value"]
+    tokens = _tokens()
+    yg, _ = jax.jit(Transformer(gqa).apply)(vg, tokens)
+    ym, _ = jax.jit(Transformer(mha).apply)(vm, tokens)
+    np.testing.assert_array_equal(np.asarray(yg), np.asarray(ym))
+    c = count_model(gqa, seq_len=L)
+    assert c.total_params == _n_params(vg["params"])  # q, out: 32*32 each; k, v: 32*16 each
+
+
+def test_tied_embeddings_share_one_array():
+    """Tied: no unembed param, and the logits are final_norm(h) @ embed^T (perturbing the embedding's row v
+    changes logit v at every position even where token v never occurs)."""
+    cfg = ModelConfig(vocab_size=V, d_model=32, num_layers=1, num_heads=4, d_ff=64, tie_embeddings=True)
+    model = Transformer(cfg)
+    v = jax.jit(lambda k: init_variables(model, k, L))(jax.random.key(0))
+    assert "unembed" not in v["params"]
+    tokens = jnp.zeros((1, L), jnp.int32)  # only token 0 occurs
+    apply = jax.jit(model.apply)
+    y1, _ = apply(v, tokens)
+    emb = v["params"]["embed"]["embedding"]
+    v2 = {"params": {**v["params"], "embed": {"embedding": emb.at[7].add(1.0)}}}
+    y2, _ = apply(v2, tokens)
+    d = np.abs(np.asarray(y2 - y1)).max(axis=(0, 1))
+    assert d[7] > 1e-3 and np.all(d[np.arange(V) != 7] == 0)
+    untied = dataclasses.replace(cfg, tie_embeddings=False)
+    assert jax.eval_shape(lambda: init_variables(Transformer(untied), jax.random.key(0), L))["params"][
+        "unembed"]["kernel"].shape == (32, V)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(num_kv_heads=3), r"model\.num_kv_heads=3 does not divide model\.num_heads=4"),
+    (dict(qk_norm="layer"), r"model\.qk_norm"),
+    (dict(head_dim=5), r"head width 5 .*odd"),
+    (dict(num_kv_heads=-1), r"model\.num_kv_heads"),
+    (dict(norm_eps=0.0), r"model\.norm_eps"),
+])
+def test_attention_option_errors_name_the_field(kw, match):
+    with pytest.raises(ValueError, match=match):
+        switch_cfg(**kw).validate()
