@@ -547,7 +547,7 @@ _ABSENT = object()
 def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     out = {}
     for key, value in d.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):  # an empty section adds no field
             out.update(_flat(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
