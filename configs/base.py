@@ -108,6 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
         ckpt_every=200, keep_ckpts=3,  # checkpoint every n steps (0 = only at the end), keep the last k
         sample_tokens=200, sample_prompt="",  # text sample at the end (0 = none)
         debug_step_delay_s=0.0,  # sleep after each step (only to test kill-and-resume); 0 = off
+        progress_every_s=30.0,  # stdout not a terminal (no progress bar): a progress line every n s; 0 = off
     ))
     # Device mesh (moe_jax/parallel.py, docs/parallel.md): -1 = the rest of the devices; the expert-parallel
     # degree is mesh.expert. pmap: the older jax.pmap data-parallel path instead of jit + shardings.

@@ -195,7 +195,10 @@ class MoEConfig:
         """Raise ``ValueError`` naming the field and the fix. ``causal``: the layer sits in a causal model."""
         if self.num_experts < 1:
             raise ValueError(f"moe.num_experts must be >= 1, got {self.num_experts}.")
-        if not 1 <= self.k <= self.num_experts:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"moe.k={self.k!r} must be an integer >= 1 (the experts each token is sent to); "
+                             "use e.g. k=1 (Switch) or k=2 (GShard, Mixtral).")
+        if self.k > self.num_experts:
             raise ValueError(f"moe.k={self.k} must be between 1 and num_experts={self.num_experts}: a token "
                              "cannot choose more experts than exist. Lower k or raise num_experts.")
         router_cls = routing.get_router_class(self.router)
@@ -248,7 +251,10 @@ class MoEStats:
     """What one MoE layer reports. ``aux_loss`` is the weighted sum that the model adds to its loss.
 
     ``losses``: unweighted terms (``load_balancing``, ``z_loss``, router-specific ones).
-    ``metrics``: ``drop_fraction`` (assignments that lost their slot), ``capacity_factor`` (actual:
+    ``metrics``: ``drop_fraction`` (assignments that lost their slot), ``expert_drop_fraction`` ``[E]`` (of the
+    assignments routed to expert e, the fraction that lost their slot; 0 for an expert nothing was routed to;
+    all 0 for expert choice and Soft MoE, where experts drop nothing), ``nonfinite_tokens`` (real tokens whose
+    input holds a NaN/Inf: routed nowhere, counted in no other statistic, output NaN), ``capacity_factor`` (actual:
     ``C * E / (K * S)``; for dropless the factor that would have been needed, ``E * max_e f_e``),
     ``expert_load`` ``[E]`` (fraction of assignments routed to each expert, before drops), ``max_vio``
     (``max_e load_e / mean_e load_e - 1``, Wang et al. 2024), ``router_entropy`` (mean over tokens, nats),
@@ -338,6 +344,9 @@ def routing_stats(cfg: MoEConfig, decision: routing.RoutingDecision, kept: Array
         n_assigned = jnp.maximum(jnp.sum(assigned), 1.0)
         n_kept = jnp.sum(kept.astype(jnp.float32) * m[..., None])
         drop_fraction = (jnp.sum(assigned) - n_kept) / n_assigned  # 0 (not 1) when nothing was assigned
+        kept_per_expert = jnp.sum(jax.nn.one_hot(decision.expert_index, e)
+                                  * (kept.astype(jnp.float32) * m[..., None])[..., None], axis=(0, 1, 2))  # [E]
+        expert_drop = (per_expert - kept_per_expert) / jnp.maximum(per_expert, 1.0)  # 0 for an idle expert
         experts_per_token = n_kept / n_tokens
         n_per_token = jnp.sum(kept.astype(jnp.int32), axis=-1)  # [G, S] kept experts of each token
         hist = jnp.sum(jax.nn.one_hot(n_per_token, kept.shape[-1] + 1) * m[..., None], axis=(0, 1))  # [K+1]
@@ -346,6 +355,7 @@ def routing_stats(cfg: MoEConfig, decision: routing.RoutingDecision, kept: Array
         per_expert = jnp.sum(decision.router_probs * m[..., None], axis=(0, 1))  # combine mass per expert
         n_assigned = jnp.maximum(jnp.sum(per_expert), 1e-20)
         drop_fraction = jnp.zeros((), jnp.float32)
+        expert_drop = jnp.zeros((e,), jnp.float32)
         experts_per_token = jnp.asarray(float(e), jnp.float32)
         slots = decision.combine_weights.shape[-1]
         extra_metrics["capacity_factor"] = jnp.asarray(slots * e / group_size, jnp.float32)
@@ -356,6 +366,7 @@ def routing_stats(cfg: MoEConfig, decision: routing.RoutingDecision, kept: Array
         taken = jnp.zeros(mask.shape, jnp.float32).at[
             jnp.arange(g)[:, None, None], decision.token_index].max(kept.astype(jnp.float32))
         drop_fraction = (jnp.sum(m) - jnp.sum(taken * m)) / n_tokens  # 0 (not 1) for an all-padding batch
+        expert_drop = jnp.zeros((e,), jnp.float32)  # an expert takes its C tokens; only tokens go untaken
         experts_per_token = jnp.sum(kept.astype(jnp.float32)) / n_tokens
     terms.update(decision.aux_losses)
     load = per_expert / n_assigned  # [E]
@@ -367,6 +378,7 @@ def routing_stats(cfg: MoEConfig, decision: routing.RoutingDecision, kept: Array
     entropy = -jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-30)), axis=-1)  # [G, S]
     metrics = {
         "drop_fraction": drop_fraction,
+        "expert_drop_fraction": expert_drop,
         "capacity_factor": actual_cf,
         "expert_load": load,
         "max_vio": e * jnp.max(load) - 1.0,
@@ -412,22 +424,28 @@ class MoELayer(nn.Module):
         b, l, d = x.shape
         s = cfg.resolved_group_size(l)
         t = b * l
-        if t % s:
-            raise ValueError(f"moe.group_size={s} does not divide the B*L={b}*{l}={t} tokens of the batch; choose "
-                             "a group size that divides B*L (e.g. the sequence length, or None).")
-        g = t // s
         if self.causal and not cfg.allow_non_causal and l % s:
             raise ValueError(
                 f"moe.group_size={s} does not divide the sequence length L={l}: groups would span sequences, and in a "
                 "causal model a sequence's later tokens could then take expert slots before another sequence's "
                 "earlier ones (a leak across the batch). Choose a group size that divides L (or None = L), or set "
                 "moe.allow_non_causal=True.")
+        if t % s:
+            raise ValueError(f"moe.group_size={s} does not divide the B*L={b}*{l}={t} tokens of the batch; choose "
+                             "a group size that divides B*L (e.g. the sequence length, or None).")
+        g = t // s
         if mask is None:
             mask = jnp.ones((b, l), bool)
         elif mask.shape != (b, l):
             raise ValueError(f"MoELayer: mask shape {mask.shape} != (B, L) = {(b, l)}.")
         xg = x.reshape(g, s, d)  # [G, S, D]
         mg = mask.reshape(g, s).astype(bool)  # [G, S]
+        # A token with a NaN/Inf feature is routed nowhere and counts in no statistic (it would poison its whole
+        # group: einsum dispatch multiplies it by zeros); its output row is NaN, so the loss still shows it.
+        finite = jnp.all(jnp.isfinite(xg), axis=-1)  # [G, S]
+        nonfinite = jnp.sum(mg & ~finite).astype(jnp.float32)
+        mg = mg & finite
+        xg = jnp.where(finite[..., None], xg, jnp.zeros((), xg.dtype))
         tg = None if token_ids is None else token_ids.reshape(g, s)
         dispatcher = cfg.resolved_dispatcher()
         router_cls = routing.get_router_class(cfg.router)
@@ -470,6 +488,8 @@ class MoELayer(nn.Module):
                 shared = jax.nn.sigmoid(gate(xg).astype(jnp.float32)).astype(shared.dtype) * shared
             y = y + shared
         stats = routing_stats(cfg, decision, result.kept, mg, capacity, num_sequences=b)
+        stats.metrics["nonfinite_tokens"] = nonfinite
+        y = jnp.where(finite[..., None], y, jnp.asarray(jnp.nan, y.dtype))
         if return_routing and decision.kind == "token_choice":
             stats = stats.replace(routing={"expert_index": decision.expert_index.reshape(b, l, -1),
                                            "weights": decision.combine_weights.reshape(b, l, -1)})

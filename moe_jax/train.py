@@ -101,12 +101,18 @@ def validate_config(config, vocab_size: Optional[int] = None) -> ModelConfig:
              f"must be >= 0 (0 = only at the end), got {tr.ckpt_every!r}.")
     _require(int(tr.keep_ckpts) >= 1, "train.keep_ckpts", f"must be >= 1, got {tr.keep_ckpts!r}.")
     _require(int(tr.sample_tokens) >= 0, "train.sample_tokens", f"must be >= 0, got {tr.sample_tokens!r}.")
+    _require(float(tr.get("progress_every_s", 0.0)) >= 0, "train.progress_every_s",
+             f"must be >= 0 (0 = off), got {tr.get('progress_every_s')!r}.")
     if (config.get("init") or {}).get("from_dir"):  # dense -> MoE conversion (moe_jax/upcycle.py)
         from moe_jax.upcycle import ConvertOptions
         ConvertOptions.from_config(config.init)
     model_cfg = ModelConfig.from_config(config.model, vocab_size or config_vocab_size(config)).validate()
     if model_cfg.moe is not None and model_cfg.moe.group_size:
-        s, t = model_cfg.moe.group_size, int(data.batch_size) * int(data.seq_len)
+        s, t = model_cfg.moe.resolved_group_size(int(data.seq_len)), int(data.batch_size) * int(data.seq_len)
+        _require(int(data.seq_len) % s == 0 or model_cfg.moe.allow_non_causal, "model.moe.group_size",
+                 f"{s} does not divide data.seq_len = {data.seq_len}: in this causal model a group must hold whole "
+                 "sequences (else a sequence's later tokens could take expert slots before another's earlier "
+                 "ones). Choose a divisor of data.seq_len, or None (= data.seq_len).")
         _require(t % s == 0, "model.moe.group_size",
                  f"{s} does not divide data.batch_size * data.seq_len = {t} tokens per batch; choose a divisor "
                  "(e.g. data.seq_len) or None (one sequence per group).")
@@ -165,7 +171,10 @@ def make_optimizer(train_cfg) -> Tuple[optax.GradientTransformation, Callable]:
 
 
 def create_state(model: Transformer, tx: optax.GradientTransformation, rng: Array, seq_len: int) -> TrainState:
-    variables = init_variables(model, rng, seq_len)
+    moe = model.config.moe
+    s = moe.resolved_group_size(seq_len) if moe is not None else seq_len
+    # the smallest init batch whose B*L tokens the MoE group size divides (1 unless groups span sequences)
+    variables = init_variables(model, rng, seq_len, batch_size=s // math.gcd(s, seq_len))
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       moe_state=variables.get(MOE_STATE, {}))
@@ -351,8 +360,34 @@ class MetricsWriter:
 
 
 def _log(msg: str) -> None:
+    """One line to stdout, flushed (stdout redirected to a file is block-buffered), clear of the tqdm bar."""
+    import sys
+
     from tqdm import tqdm
     tqdm.write(msg)
+    sys.stdout.flush()
+
+
+def _duration(seconds: float) -> str:
+    """``'1h02m'``, ``'3m05s'`` or ``'12s'``."""
+    s = int(round(max(seconds, 0.0)))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def progress_line(step: int, steps: int, loss: Optional[float], tokens_per_s: Optional[float],
+                  elapsed_s: float, eta_s: Optional[float]) -> str:
+    """``progress: step 120/2000 (6%), loss 3.412, 1180 tokens/s, elapsed 1m40s, ETA 26m30s``."""
+    parts = [f"progress: step {step}/{steps} ({100 * step // max(steps, 1)}%)"]
+    if loss is not None:
+        parts.append(f"loss {loss:.3f}")
+    if tokens_per_s:
+        parts.append(f"{tokens_per_s:.0f} tokens/s")
+    parts.append(f"elapsed {_duration(elapsed_s)}")
+    if eta_s is not None:
+        parts.append(f"ETA {_duration(eta_s)}")
+    return ", ".join(parts)
 
 
 def _summarize_window(window: List[Tuple[int, Dict[str, Any]]]) -> Dict[str, Any]:
@@ -413,18 +448,34 @@ def _save(mngr, state: TrainState, data_state: Dict[str, Any], resolved: Dict[st
     return step
 
 
-def restore_latest(mngr, abstract_state, move_aside: bool = True
+def restore_latest(mngr, abstract_state, move_aside: bool = True, requested: Optional[Dict[str, Any]] = None,
+                   broken: Optional[List[str]] = None
                    ) -> Optional[Tuple[TrainState, Dict[str, Any], Dict[str, Any], Dict[str, Any]]]:
     """``(state, data_state, resolved_config, meta)`` of the newest checkpoint that loads, or None.
 
     Orbax writes a step into a temporary directory and renames it when complete, and lists only complete
-    steps, so an interrupted save is invisible here. A complete-looking step that fails to load is moved
-    aside (``<step>.broken-<time>``; only skipped if ``move_aside=False``) with a warning, and the previous
-    one is tried.
+    steps, so an interrupted save is invisible here. Each step's own stored config is read first: if
+    ``requested`` (a config as a dict) differs from it in a field a checkpoint cannot follow
+    (``resume_changes``), ``WorkdirConflictError`` is raised and nothing is moved. A step that fails to load
+    (under its own config) is broken: one warning line, it is moved aside (``<step>.broken-<time>``; only
+    skipped if ``move_aside=False``), its new path appended to ``broken``, and the previous one is tried.
     """
     import orbax.checkpoint as ocp
+    _quiet_abandoned_reads()
+    workdir = os.path.dirname(str(mngr.directory))
     for step in sorted(mngr.all_steps(), reverse=True):
+        own = None
         try:
+            own = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        except Exception:  # noqa: BLE001 - an unreadable config means a broken step (handled below)
+            pass
+        if own is not None and requested is not None:
+            refused, _ = resume_changes(own.get("config", {}), requested)
+            if refused:
+                raise WorkdirConflictError(_conflict_message(workdir, refused, f"checkpoint step {step}"))
+        try:
+            if own is None:
+                raise ValueError("its stored config does not read")
             out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                              data=ocp.args.JsonRestore(),
                                                              config=ocp.args.JsonRestore(),
@@ -433,12 +484,133 @@ def restore_latest(mngr, abstract_state, move_aside: bool = True
         except Exception as e:  # noqa: BLE001 - any failure to load means: try the previous step
             path = os.path.join(str(mngr.directory), str(step))
             aside = f"{path}.broken-{int(time.time())}"
-            _log(f"WARNING: checkpoint step {step} does not load ({type(e).__name__}: {str(e)[:200]}); "
-                 + (f"moving it to {aside} and " if move_aside else "") + "trying the previous one.")
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]  # one line
+            _log(f"WARNING: checkpoint step {step} does not load ({reason}); "
+                 + (f"moved it to {aside}; " if move_aside else "") + "trying the previous one.")
             if move_aside and os.path.isdir(path):
                 shutil.move(path, aside)  # else the next save of this step would collide with it
                 mngr.reload()
+                if broken is not None:
+                    broken.append(aside)
     return None
+
+
+_QUIET_HOOK_INSTALLED = False
+
+
+def _quiet_abandoned_reads() -> None:
+    """Silence the late ``RuntimeError: Event loop is closed`` of reads a failed restore abandoned.
+
+    When one array of a checkpoint fails to read, orbax's restore coroutine raises at once and orbax closes
+    its event loop (``asyncio_utils.run_sync``); the other TensorStore reads of the same restore are still in
+    flight, and when each completes, TensorStore's done-callback calls ``loop.call_soon_threadsafe`` on the
+    closed loop. That ``RuntimeError`` is raised in a TensorStore thread and reported through
+    ``sys.unraisablehook`` (a traceback per abandoned read, dozens per broken checkpoint) although nothing
+    is wrong any more. This hook drops exactly those reports and passes every other one on.
+    """
+    global _QUIET_HOOK_INSTALLED
+    import sys
+    if _QUIET_HOOK_INSTALLED:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    _QUIET_HOOK_INSTALLED = True
+
+
+# ---------------------------------------------------------------------------------------- resume safety
+
+
+class WorkdirConflictError(ValueError):
+    """The workdir holds a run whose config a checkpoint of it cannot continue as (the message names the
+    fields and the two ways out)."""
+
+
+# Fields a resumed run may change: they are read anew each run and shape no saved state (the learning-rate
+# schedule is a function of the step; the mesh only places the restored arrays; init is used only without a
+# checkpoint). Every other field (model, data, tokenizer, corpus, seed, optimizer structure) is refused.
+RESUMABLE_FIELDS = (
+    "train.steps", "train.learning_rate", "train.warmup_steps", "train.end_lr_ratio", "train.weight_decay",
+    "train.log_every", "train.eval_every", "train.eval_batches", "train.ckpt_every", "train.keep_ckpts",
+    "train.sample_tokens", "train.sample_prompt", "train.debug_step_delay_s", "train.progress_every_s",
+    "data.cache_dir", "mesh.", "init.",
+)
+_ABSENT = object()
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):  # an empty section adds no field
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(stored: Dict[str, Any], requested: Dict[str, Any]) -> Tuple[List[str], List[str]]:
+    """``(refused, applied)``: the fields in which ``requested`` differs from a run's ``stored`` config, each
+    as ``'name: old -> new'``. ``applied``: ``RESUMABLE_FIELDS`` and fields only one side has (added to or
+    removed from the code since the run started); ``refused``: the rest."""
+    a, b = _flat(stored), _flat(requested)
+    refused, applied = [], []
+    for key in sorted(set(a) | set(b)):
+        old, new = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if old == new:
+            continue
+        show = lambda v: "(absent)" if v is _ABSENT else repr(v)
+        line = f"{key} {show(old)} -> {show(new)}"
+        resumable = any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUMABLE_FIELDS)
+        (applied if resumable or _ABSENT in (old, new) else refused).append(line)
+    return refused, applied
+
+
+def _conflict_message(workdir: str, refused: List[str], where: str = "config.json") -> str:
+    return (f"--workdir {workdir} holds a run ({where}) whose config differs in fields its checkpoints cannot "
+            f"follow: {', '.join(refused)}. Use a new --workdir, or pass --restart to move that run aside to "
+            f"{workdir}.old-<n> (kept, not deleted) and start over.")
+
+
+RUN_FILES = (CKPT_DIR, METRICS_FILE, "config.json", "summary.json", "sample.txt", "tb", "init_report.json")
+
+
+def move_run_aside(workdir: str) -> Optional[str]:
+    """Move the run files of ``workdir`` (``RUN_FILES``, ``metrics.jsonl.*``) into a new sibling folder
+    ``<workdir>.old-<n>`` (n = 1, 2, ...) and return its path; None if there was no run. Deletes nothing."""
+    names = [n for n in sorted(os.listdir(workdir)) if n in RUN_FILES or n.startswith(METRICS_FILE + ".")]
+    if not names:
+        return None
+    n = 1
+    while os.path.exists(f"{workdir}.old-{n}"):
+        n += 1
+    aside = f"{workdir}.old-{n}"
+    os.makedirs(aside)
+    for name in names:
+        shutil.move(os.path.join(workdir, name), os.path.join(aside, name))
+    return aside
+
+
+def check_resume(workdir: str, requested: Dict[str, Any]) -> List[str]:
+    """The applicable changes (``resume_changes``) of ``requested`` against ``workdir/config.json``;
+    ``WorkdirConflictError`` if any change is refused. ``[]`` for a workdir without a stored config."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            stored = json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # unreadable: each checkpoint's own stored config is checked in restore_latest
+    refused, applied = resume_changes(stored, requested)
+    if refused:
+        raise WorkdirConflictError(_conflict_message(workdir, refused))
+    return applied
 
 
 def _abstract(tree):
@@ -492,8 +664,13 @@ def sample_text(model, variables, tokenizer, config, prompt: str, num_tokens: in
 # ----------------------------------------------------------------------------------------------- loop
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False) -> Dict[str, Any]:
     """Train (or resume) a language model as ``config`` says, in ``workdir``; return a summary dict.
+
+    A workdir that holds a run of a config its checkpoints cannot follow (``resume_changes``) is refused
+    (``WorkdirConflictError``) before anything in it changes; ``restart=True`` first moves that run aside
+    (``move_run_aside``) and starts over. Changes that can apply (steps, cadences, the schedule) are applied
+    and logged in one line.
 
     Summary keys: ``workdir``, ``step``, ``resumed_from`` (None for a fresh run), ``train_loss``,
     ``train_ce``, ``val_loss``, ``val_ppl``, ``tokens_per_s`` (mean over the run's log windows, compile
@@ -512,6 +689,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                                   num_experts=early.moe.num_experts if early.moe is not None else None)
     tr = config.train
     seq_len, batch_size, seed = int(config.data.seq_len), int(config.data.batch_size), int(config.get("seed", 0))
+    requested = json.loads(config.to_json_best_effort())
+    if restart:
+        aside = move_run_aside(workdir) if jax.process_index() == 0 else None
+        if aside:
+            _log(f"--restart: moved the previous run in {workdir} to {aside}; starting from step 0")
+    check_resume(workdir, requested)  # before anything in the workdir changes
 
     token_data = data_lib.prepare_data(config.data, cache_dir=config.data.get("cache_dir") or None)
     vocab_size = int(token_data.tokenizer.vocab_size)
@@ -521,8 +704,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     _log(f"model: {model_cfg.num_layers} blocks, MoE blocks {list(model_cfg.moe_blocks)}, vocab {vocab_size}; "
          + counts.summary())
     resolved = resolved_config(config, vocab_size)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(resolved, f, indent=2)
 
     tx, schedule = make_optimizer(tr)
     rng = jax.random.key(seed)
@@ -536,7 +717,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     init_fn, train_step, eval_step, host = runner.init, runner.train_step, runner.eval_step, runner.host_state
 
     mngr = _checkpoint_manager(workdir, int(tr.keep_ckpts))
-    restored = restore_latest(mngr, runner.abstract_state(init_rng))
+    broken: List[str] = []
+    restored = restore_latest(mngr, runner.abstract_state(init_rng), requested=requested, broken=broken)
+    if restored is None and broken:
+        kept = os.path.join(workdir, METRICS_FILE)
+        if os.path.exists(kept):  # its lines describe the unreadable run: keep them next to it
+            os.replace(kept, f"{kept}.broken-{int(time.time())}")
+        _log(f"WARNING: no checkpoint in {os.path.join(workdir, CKPT_DIR)} loads; moved the unreadable ones to "
+             f"{', '.join(broken)}; starting from step 0.")
     batches = data_lib.BatchIterator(token_data.train, batch_size, seq_len, seed)
     initial = None
     flops0 = 0.0  # training FLOPs before `start` (a converted run: those of its source run)
@@ -567,8 +755,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
         flops0 = float(meta["flops"]) if "flops" in meta else None
         batches.restore(data_state)
         resumed_from = int(jax.device_get(host(state).step))
-        changed = _diff(old.get("config", {}), resolved["config"])
-        _log(f"resuming from step {resumed_from}" + (f"; config changed since: {changed}" if changed else ""))
+        _, changed = resume_changes(old.get("config", {}), resolved["config"])
+        _log(f"resuming from step {resumed_from}" + (f"; applying the changed {', '.join(changed)}" if changed
+                                                      else ""))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(resolved, f, indent=2)
     start = int(jax.device_get(host(state).step))
     val_batches = data_lib.eval_batches(token_data.val, batch_size, seq_len, int(tr.eval_batches))
     writer = MetricsWriter(workdir, start)
@@ -599,6 +791,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
         _log(f"step {start} (converted): val loss {init_val['loss']:.4f} ppl {init_val['ppl']:.2f}")
     t_window, n_window = time.time(), 0
     bar = tqdm(total=steps, initial=start, disable=None, dynamic_ncols=True, desc="train")
+    # Not a terminal (a file, CI, nohup, SLURM): no bar, but a progress line every progress_every_s seconds.
+    progress_every = float(tr.get("progress_every_s", 0.0)) if bar.disable else 0.0
+    t_progress, t_timed, n_timed = time.time(), None, 0  # t_timed: end of the first (compiling) step
     try:
         for step in range(start + 1, steps + 1):  # `step` = number of updates done after this iteration
             state, metrics = train_step(state, next(batches), step_rng)
@@ -608,6 +803,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                 jax.block_until_ready(metrics["loss"])
                 _log(f"first step (compile included): {time.time() - t_window:.1f}s")
                 t_window, n_window = time.time(), 0
+                t_timed = t_window
+            else:
+                n_timed += 1
             if delay:
                 time.sleep(delay)
             bar.update(1)
@@ -637,6 +835,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                 last_ckpt = _save(mngr, host(state), batches.state(), resolved, clock(step))
             if is_log or is_ckpt or is_eval:
                 t_window, n_window = time.time(), 0
+            if progress_every and time.time() - t_progress >= progress_every:
+                t_progress = time.time()
+                rate = n_timed / (t_progress - t_timed) if n_timed and t_timed and t_progress > t_timed else None
+                _log(progress_line(step, steps, last_train.get("loss"), rate and rate * tokens_per_step,
+                                   t_progress - t_start, (steps - step) / rate if rate else None))
         if last_val_step != steps:  # the last step was no eval step, or the run was already complete
             last_val = evaluate(state)
             if start < steps:
@@ -673,13 +876,3 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
          f"tokens/s {result['tokens_per_s'] or float('nan'):.0f}, wall {result['wall_s']:.1f}s")
     return result
 
-
-def _diff(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out

@@ -63,21 +63,28 @@ def test_load_balancing_skewed_hand_example():
 
 
 def test_load_balancing_excludes_padding():
-    # The perfectly balanced K=1 example plus two padding tokens that all pick expert 0 with prob 0.97.
-    # Padding counts in neither f nor P: still exactly 1.0. Without the mask it would be
-    # f = [3,1,1,1]/6, P_0 = (0.7 + 0.3 + 2*0.97)/6 = 0.49, P_other = (0.7+0.3+2*0.01)/6 = 0.17
-    # -> 4 * (3/6 * 0.49 + 3 * 1/6 * 0.17) = 1.32.
-    probs = _peaked_probs([0, 1, 2, 3, 0, 0], 0.7)
-    probs = probs.at[0, 4:].set(jnp.asarray([0.97, 0.01, 0.01, 0.01]))
-    idx = jnp.asarray([[[0], [1], [2], [3], [0], [0]]], jnp.int32)
+    # 4 real tokens with skewed routing, experts [0, 0, 1, 2] (0.7 on the chosen expert, 0.1 elsewhere), plus
+    # 2 padding tokens that put 0.97 on expert 3 (0.01 elsewhere), which no real token chooses.
+    # Padding counts in neither f nor P:
+    #   f = [2, 1, 1, 0] / 4
+    #   P_0 = (0.7 + 0.7 + 0.1 + 0.1) / 4 = 0.4, P_1 = P_2 = (0.1 + 0.1 + 0.7 + 0.1) / 4 = 0.25, P_3 = 0.1
+    #   loss = 4 * (2/4 * 0.4 + 1/4 * 0.25 + 1/4 * 0.25 + 0) = 1.3
+    # Wrong variants (each differs from 1.3, so each fails the first assertion):
+    #   P over all 6 tokens (f without padding): P_0 = 1.62/6 = 0.27, P_1 = P_2 = 1.02/6 = 0.17
+    #     -> 4 * (0.5 * 0.27 + 2 * 0.25 * 0.17) = 0.88
+    #   P summed over padding too but divided by the 4 real tokens: P_0 = 1.62/4 = 0.405, P_1 = P_2 = 0.255
+    #     -> 4 * (0.5 * 0.405 + 2 * 0.25 * 0.255) = 1.32
+    #   no mask at all: f = [2, 1, 1, 2] / 6, P_3 = 2.34/6 = 0.39 -> 4 * (2*0.27 + 0.17 + 0.17 + 2*0.39) / 6 = 1.10667
+    probs = _peaked_probs([0, 0, 1, 2, 3, 3], 0.7)
+    probs = probs.at[0, 4:].set(jnp.asarray([0.01, 0.01, 0.01, 0.97]))
+    idx = jnp.asarray([0, 0, 1, 2, 3, 3], jnp.int32).reshape(1, 6, 1)
     mask = jnp.asarray([[1, 1, 1, 1, 0, 0]], bool)
-    np.testing.assert_allclose(losses.load_balancing_loss(probs, idx, mask), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(losses.load_balancing_loss(probs, idx), 1.32, rtol=1e-5)
-    # `valid` (dynamic k) also removes assignments from f: drop token 4, 5 via valid instead of mask -> f is
-    # balanced, but P still counts them (they are real tokens): P_0 = 0.49, P_other = 0.17, f = 1/4 ->
-    # 4 * (0.49 + 3 * 0.17) / 4 = 1.0
+    np.testing.assert_allclose(losses.load_balancing_loss(probs, idx, mask), 1.3, rtol=1e-6)
+    np.testing.assert_allclose(losses.load_balancing_loss(probs, idx), 4 * 1.66 / 6, rtol=1e-5)
+    # `valid` (dynamic k) removes assignments from f only: drop tokens 4, 5 via valid instead of mask -> f is
+    # [2, 1, 1, 0] / 4 as above, but P counts them (they are real tokens): the 0.88 of the first wrong variant.
     valid = jnp.asarray([[[1], [1], [1], [1], [0], [0]]], bool)
-    np.testing.assert_allclose(losses.load_balancing_loss(probs, idx, None, valid), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(losses.load_balancing_loss(probs, idx, None, valid), 0.88, rtol=1e-5)
 
 
 def test_load_balancing_finite_gradient_at_balance():
