@@ -24,7 +24,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(0, _ROOT)
 
-MODELS = (("dense", "dense"), ("switch_top1", "switch_top1"))
+MODELS = ("dense", "switch_top1")
 
 
 def bench(size: str, num_new: int, prompt_len: int, batch: int, repeats: int, models=MODELS):
@@ -38,7 +38,8 @@ def bench(size: str, num_new: int, prompt_len: int, batch: int, repeats: int, mo
     from moe_jax.train import config_vocab_size, validate_config
 
     rows = []
-    for label, cfg_name in models:
+    for cfg_name in models:
+        label = cfg_name
         config = importlib.import_module(f"configs.{cfg_name}").get_config(size)
         mcfg = validate_config(config, config_vocab_size(config))
         model = Transformer(mcfg)
@@ -58,11 +59,11 @@ def bench(size: str, num_new: int, prompt_len: int, batch: int, repeats: int, mo
 
 
 def format_table(rows, args) -> str:
-    head = (f"Greedy decode, {args['num_new']} new tokens after a {args['prompt_len']}-token prompt, batch "
-            f"{args['batch']}, size {args['size']}, best of {args['repeats']} (compile excluded); "
-            f"{args['platform']}.\n\n")
-    lines = ["| model | total params | active params | cached tokens/s | uncached tokens/s | cached / uncached |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    head = (f"Command: `{args['command']}`\n\nGreedy decode, {args['num_new']} new tokens after a "
+            f"{args['prompt_len']}-token prompt, batch {args['batch']}, size {args['size']}, best of "
+            f"{args['repeats']} (compile excluded); {args['platform']}.\n\n")
+    lines = ["| model | total params | active params | cached tokens/s | uncached tokens/s "
+             "| cached / uncached |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['model']} (`{r['config']}`) | {r['total_params'] / 1e6:.2f}M | "
                      f"{r['active_params'] / 1e6:.2f}M | {r['cached_tokens_per_s']:.1f} | "
@@ -77,15 +78,17 @@ def main(argv=None):
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--models", default=",".join(MODELS), help="config names (configs/<name>.py), comma-separated")
     p.add_argument("--out", default=os.path.join(_ROOT, "docs", "results", "bench_decode.md"))
     a = p.parse_args(argv)
     for name in ("num_new", "prompt_len", "batch", "repeats"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
     import jax
-    rows = bench(a.size, a.num_new, a.prompt_len, a.batch, a.repeats)
-    info = {**vars(a), "platform": f"{jax.default_backend()}, {platform.processor() or platform.machine()}, "
-                                   f"{os.cpu_count()} cores"}
+    rows = bench(a.size, a.num_new, a.prompt_len, a.batch, a.repeats, tuple(a.models.split(",")))
+    command = "python experiments/bench_decode.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    where = f"{jax.default_backend()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    info = {**vars(a), "command": command.strip(), "platform": where}
     table = format_table(rows, info)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
