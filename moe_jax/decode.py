@@ -114,6 +114,12 @@ def sample_logits(logits: Array, rng: Array, sampling: Sampling) -> Array:
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def can_cache(model: Transformer) -> bool:
+    """Dense, or MoE with a token-choice router: decodable one token at a time (``decode_model``)."""
+    cfg = model.config
+    return cfg.moe is None or routing.get_router_class(cfg.moe.router).kind == "token_choice"
+
+
 def decode_model(model: Transformer) -> Transformer:
     """The same model (same parameter tree) with its MoE layers dropless and one group per sequence."""
     cfg = model.config
@@ -234,10 +240,11 @@ def generate(model: Transformer, variables, prompts: Sequence[Sequence[int]], nu
              sampling: Sampling = Sampling(temperature=0.0), seed: int = 0, max_len: Optional[int] = None,
              cached: bool = True) -> Generation:
     """Continue each prompt (a list of ids) by ``num_new`` tokens; ``max_len`` (M, default: longest prompt +
-    ``num_new``) fixes the compiled shape. ``cached=False``: the uncached reference (full forward per token)."""
+    ``num_new``) fixes the compiled shape. ``cached=False``: the uncached reference (full forward per token;
+    for a router that cannot cache, ``can_cache``, the model as configured, at its eval capacity)."""
     cfg = model.config
     sampling.validate(cfg.vocab_size)
-    dec = decode_model(model)
+    dec = decode_model(model) if cached or can_cache(model) else model
     tokens, lengths, max_len = pad_prompts(prompts, num_new, max_len, cfg.vocab_size)
     fn = _generate_fn(dec, sampling, cached)
     args = (variables, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(num_new, jnp.int32),
@@ -303,5 +310,5 @@ def sample_text(model, variables, tokenizer, prompt: str, num_tokens: int, seed:
     if not prompt:
         raise ValueError("prompt: empty; give some text to continue (e.g. --prompt='ROMEO:').")
     ids = [int(i) for i in tokenizer.encode(prompt)]
-    gen = generate(model, variables, [ids], num_tokens, sampling, seed)
+    gen = generate(model, variables, [ids], num_tokens, sampling, seed, cached=can_cache(model))
     return tokenizer.decode(gen.tokens[0]), gen

@@ -132,3 +132,16 @@ def test_non_token_choice_router_refused():
                                     allow_non_causal=True))
     with pytest.raises(ValueError, match=r"model\.moe\.router='expert_choice'"):
         decode.decode_model(Transformer(cfg))
+
+
+def test_non_token_choice_router_decodes_uncached():
+    """Expert choice cannot cache; sample_text (the trainer's end-of-run sample) falls back to the uncached loop."""
+    from moe_jax.data import ByteTokenizer
+    cfg = ModelConfig(vocab_size=256, d_model=32, num_layers=2, num_heads=4, d_ff=64, moe_every=2,
+                      moe=MoEConfig(num_experts=4, k=1, router="expert_choice", expert_hidden=32,
+                                    allow_non_causal=True))
+    model = Transformer(cfg)
+    assert not decode.can_cache(model)
+    variables = init_variables(model, jax.random.key(1), 8)
+    text, gen = decode.sample_text(model, variables, ByteTokenizer(), "ab", 3, sampling=decode.Sampling(0.0))
+    assert gen.tokens.shape == (1, 3)
