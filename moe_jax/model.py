@@ -186,8 +186,9 @@ class ModelConfig:
         return self
 
 
-def rotary(x: Array, base: float = 10000.0) -> Array:
-    """Rotary position embedding (Su et al. 2021, eq. 34) of ``x[B, L, H, Dh]`` at positions ``0..L-1``.
+def rotary(x: Array, base: float = 10000.0, positions: Optional[Array] = None) -> Array:
+    """Rotary position embedding (Su et al. 2021, eq. 34) of ``x[B, L, H, Dh]`` at positions ``0..L-1``, or at
+    ``positions[B, L]`` (int; per-row positions of cached decoding).
 
     Feature pairs ``(x_i, x_{i + Dh/2})`` (the "rotate half" layout of GPT-NeoX/LLaMA) are rotated by the
     angle ``pos * base^(-2i/Dh)``. Computed in float32, returned in ``x.dtype``.
@@ -195,13 +196,21 @@ def rotary(x: Array, base: float = 10000.0) -> Array:
     _, l, _, dh = x.shape
     half = dh // 2
     inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / dh)  # [Dh/2]
-    angle = jnp.arange(l, dtype=jnp.float32)[:, None] * inv_freq[None, :]  # [L, Dh/2]
-    cos = jnp.cos(angle)[None, :, None, :]  # [1, L, 1, Dh/2]
-    sin = jnp.sin(angle)[None, :, None, :]
+    pos = jnp.arange(l, dtype=jnp.float32)[None, :] if positions is None else positions.astype(jnp.float32)
+    angle = pos[..., None] * inv_freq  # [B or 1, L, Dh/2]
+    cos = jnp.cos(angle)[:, :, None, :]  # [B or 1, L, 1, Dh/2]
+    sin = jnp.sin(angle)[:, :, None, :]
     xf = x.astype(jnp.float32)
     x1, x2 = xf[..., :half], xf[..., half:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+def write_kv(cache: Tuple[Array, Array], k: Array, v: Array, start: Array) -> Tuple[Array, Array]:
+    """Key/value cache ``(k[B, M, Hkv, Dh], v[B, M, Hkv, Dh])`` with ``k, v [B, L, Hkv, Dh]`` written at slots
+    ``start[b] .. start[b] + L - 1`` of row ``b`` (slot = position)."""
+    put = jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (s, 0, 0)))
+    return put(cache[0], k, start), put(cache[1], v, start)
 
 
 def _dense_init():
@@ -229,7 +238,10 @@ class CausalSelfAttention(nn.Module):
     norm_eps: float = 1e-6
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, positions: Optional[Array] = None, kv: Optional[Tuple[Array, Array]] = None):
+        """``kv``: a key/value cache ``(k, v)`` ``[B, M, Hkv, Dh]`` (``moe_jax.decode``); then ``positions[B, L]``
+        (contiguous per row) are where ``x`` sits, its keys and values are written there, queries attend to the
+        slots ``<=`` their position, and the result is ``(y, kv)``."""
         b, l, d = x.shape
         h = self.num_heads
         hkv = self.num_kv_heads or h
@@ -244,25 +256,31 @@ class CausalSelfAttention(nn.Module):
             norm = lambda name: nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype, param_dtype=jnp.float32,
                                            reduction_axes=axes, feature_axes=axes, name=name)
             q, k = norm("q_norm")(q), norm("k_norm")(k)
-        q = rotary(q, self.rope_base)
+        q, k = rotary(q, self.rope_base, positions), rotary(k, self.rope_base, positions)
+        if kv is None:
+            causal = jnp.tril(jnp.ones((l, l), bool))[None]  # [1, L(q), L(k)]
+        else:  # cached: keys are the M cache slots; slot j is visible from position p iff j <= p
+            kv = k, v = write_kv(kv, k, v, positions[:, 0])  # [B, M, Hkv, Dh]
+            causal = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]  # [B, L, M]
         # Each key/value head serves H / Hkv consecutive query heads (transformers' repeat_kv); no-op for MHA.
-        k = jnp.repeat(rotary(k, self.rope_base), h // hkv, axis=2)  # [B, L, H, Dh]
-        v = jnp.repeat(v, h // hkv, axis=2)  # [B, L, H, Dh]
+        k = jnp.repeat(k, h // hkv, axis=2)  # [B, Lk, H, Dh]
+        v = jnp.repeat(v, h // hkv, axis=2)  # [B, Lk, H, Dh]
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(dh)
-        causal = jnp.tril(jnp.ones((l, l), bool))  # [L(q), L(k)]
-        scores = jnp.where(causal[None, None], scores, jnp.finfo(jnp.float32).min)  # [B, H, L, L]
+        scores = jnp.where(causal[:, None], scores, jnp.finfo(jnp.float32).min)  # [B, H, L, Lk]
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, L, H, Dh]
         out_proj = nn.DenseGeneral(d, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
                                    param_dtype=jnp.float32, kernel_init=_dense_init(), name="out")
-        return on_rows(out_proj, out, feature_dims=2)  # [B, L, D]
+        y = on_rows(out_proj, out, feature_dims=2)  # [B, L, D]
+        return y if kv is None else (y, kv)
 
 
 class Block(nn.Module):
     """Pre-norm block: ``h + Attn(norm(h))``, then ``h + FFN(norm(h))`` with a dense or MoE FFN.
 
     ``__call__(h[B, L, D], token_ids[B, L], train, return_routing, replay) -> (h[B, L, D], MoEStats or None)``
-    (``return_routing`` and ``replay [B, L, K]``: ``MoELayer``'s).
+    (``return_routing`` and ``replay [B, L, K]``: ``MoELayer``'s); with a key/value cache ``kv`` (and
+    ``positions``, see ``CausalSelfAttention``) ``-> (h, stats, kv)``.
     """
 
     config: ModelConfig
@@ -270,7 +288,8 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, h: Array, token_ids: Array, train: bool, return_routing: bool = False,
-                 replay: Optional[Array] = None):
+                 replay: Optional[Array] = None, positions: Optional[Array] = None,
+                 kv: Optional[Tuple[Array, Array]] = None):
         cfg = self.config
         dtype = cfg.compute_dtype
         norm = lambda name: nn.RMSNorm(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32, name=name)
@@ -278,14 +297,18 @@ class Block(nn.Module):
         attn = CausalSelfAttention(cfg.num_heads, cfg.rope_base, dtype, num_kv_heads=cfg.kv_heads,
                                    head_dim=cfg.resolved_head_dim, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
                                    qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, name="attn")
-        h = h + drop(attn(norm("attn_norm")(h)).astype(jnp.float32))
+        a = attn(norm("attn_norm")(h), positions, kv)
+        if kv is not None:
+            a, kv = a
+        h = h + drop(a.astype(jnp.float32))
         x = norm("ffn_norm")(h)
         if self.use_moe:
             y, stats = MoELayer(cfg.moe, causal=True, dtype=dtype, name="moe")(
                 x, train=train, token_ids=token_ids, return_routing=return_routing, replay=replay)
         else:
             y, stats = DenseFFN(cfg.d_ff, cfg.activation, cfg.glu, dtype=dtype, name="ffn")(x), None
-        return h + drop(y.astype(jnp.float32)), stats
+        h = h + drop(y.astype(jnp.float32))
+        return (h, stats) if kv is None else (h, stats, kv)
 
 
 class Transformer(nn.Module):
@@ -301,6 +324,9 @@ class Transformer(nn.Module):
     Routing replay: ``return_routing=True`` adds ``aux['routing']`` (``expert_index`` and ``weights``
     ``[n, B, L, K]``, token-choice routers); ``replay=aux['routing']['expert_index']`` (``[n, B, L, K]`` int)
     runs a forward pass with those experts (``MoELayer``).
+
+    Cached decoding (``moe_jax.decode``): ``__call__(tokens, positions=positions[B, L], cache=cache)`` with
+    ``cache`` a tuple of one ``(k, v)`` ``[B, M, Hkv, Dh]`` per block returns ``(logits, aux, cache)``.
     """
 
     config: ModelConfig
@@ -316,7 +342,8 @@ class Transformer(nn.Module):
                                     param_dtype=jnp.float32, kernel_init=nn.initializers.normal(stddev=0.02))
 
     def __call__(self, tokens: Array, *, train: bool = False, return_routing: bool = False,
-                 replay: Optional[Array] = None) -> Tuple[Array, Dict[str, Any]]:
+                 replay: Optional[Array] = None, positions: Optional[Array] = None,
+                 cache: Optional[Tuple[Tuple[Array, Array], ...]] = None):
         if tokens.ndim != 2:
             raise ValueError(f"Transformer expects tokens of shape [B, L], got {tokens.shape}.")
         cfg = self.config
@@ -324,10 +351,14 @@ class Transformer(nn.Module):
         if replay is not None and (replay.ndim != 4 or replay.shape[0] != n_moe):
             raise ValueError(f"Transformer: replay must be [num_moe_layers={n_moe}, B, L, K], got {replay.shape}.")
         h = self.embed(tokens)  # [B, L, D] float32
-        all_stats = []
-        for block in self.blocks:
+        all_stats, new_cache = [], []
+        for i, block in enumerate(self.blocks):
             layer_replay = None if replay is None or not block.use_moe else replay[len(all_stats)]
-            h, stats = block(h, tokens, train, return_routing, layer_replay)
+            if cache is None:
+                h, stats = block(h, tokens, train, return_routing, layer_replay)
+            else:
+                h, stats, kv = block(h, tokens, train, return_routing, layer_replay, positions, cache[i])
+                new_cache.append(kv)
             if stats is not None:
                 all_stats.append(stats)
         h = self.final_norm(h)  # [B, L, D]
@@ -337,7 +368,10 @@ class Transformer(nn.Module):
         else:
             logits = on_rows(self.unembed, h.astype(cfg.compute_dtype))
         logits = logits.astype(jnp.float32)  # [B, L, V]
-        return logits, stack_moe_stats(all_stats, cfg.moe.lb_loss_coef if cfg.moe is not None else 0.0)
+        aux = stack_moe_stats(all_stats, cfg.moe.lb_loss_coef if cfg.moe is not None else 0.0)
+        if cache is not None:
+            return logits, aux, tuple(new_cache)
+        return logits, aux
 
 
 def stack_moe_stats(all_stats, coef: float = 0.0) -> Dict[str, Any]:

@@ -261,41 +261,6 @@ def make_eval_step(model: Transformer) -> Callable:
     return eval_step
 
 
-# ------------------------------------------------------------------------------------------- sampling
-
-
-def generate(model: Transformer, variables: Dict[str, Any], prompt: List[int], num_tokens: int, rng: Array,
-             seq_len: int, temperature: float = 1.0, top_k: Optional[int] = None, group_size: Optional[int] = None
-             ) -> List[int]:
-    """Sample ``num_tokens`` ids after ``prompt`` (ids), one at a time over a fixed ``[b, seq_len]`` window
-    (one compile; the context is the last ``seq_len`` tokens; future positions are zero-padded, which the
-    causal model never sees). ``temperature=0`` is greedy. ``b`` is the smallest batch whose token count
-    the MoE group size divides; row 0 is used."""
-    b = 1 if not group_size else group_size // math.gcd(group_size, seq_len)
-    if not prompt:
-        raise ValueError("generate: the prompt must hold at least one token.")
-
-    @jax.jit
-    def next_token(variables, window, pos, rng):
-        logits, _ = model.apply(variables, window, train=False)
-        logits = logits[0, pos]  # [V]
-        if temperature <= 0:
-            return jnp.argmax(logits)
-        logits = logits / temperature
-        if top_k:
-            kth = jax.lax.top_k(logits, top_k)[0][-1]
-            logits = jnp.where(logits < kth, -jnp.inf, logits)
-        return jax.random.categorical(rng, logits)
-
-    ids = list(prompt)
-    for i in range(num_tokens):
-        ctx = ids[-seq_len:]
-        window = np.zeros((b, seq_len), np.int32)
-        window[:, : len(ctx)] = ctx
-        ids.append(int(next_token(variables, window, len(ctx) - 1, jax.random.fold_in(rng, i))))
-    return ids[len(prompt):]
-
-
 # ------------------------------------------------------------------------------------- metrics output
 
 
@@ -651,14 +616,11 @@ def load_checkpoint(workdir: str, step: Optional[int] = None):
 
 def sample_text(model, variables, tokenizer, config, prompt: str, num_tokens: int, seed: int = 0,
                 temperature: float = 0.8, top_k: Optional[int] = 40) -> str:
-    """Decode ``num_tokens`` sampled tokens after ``prompt`` (an empty prompt starts from a newline)."""
-    ids = [int(i) for i in tokenizer.encode(prompt or "\n")] or [0]
-    mcfg = model.config
-    group = mcfg.moe.group_size if mcfg.moe is not None else None
-    top_k = min(top_k, mcfg.vocab_size) if top_k else None
-    out = generate(model, variables, ids, num_tokens, jax.random.key(seed), int(config.data.seq_len),
-                   temperature=temperature, top_k=top_k, group_size=group)
-    return tokenizer.decode(np.asarray(out, np.int32))
+    """Decode ``num_tokens`` sampled tokens after ``prompt`` (an empty prompt starts from a newline) with the
+    key/value cache of ``moe_jax.decode``."""
+    from moe_jax import decode
+    sampling = decode.Sampling(temperature=temperature, top_k=min(top_k or 0, model.config.vocab_size))
+    return decode.sample_text(model, variables, tokenizer, prompt or "\n", num_tokens, seed, sampling)[0]
 
 
 # ----------------------------------------------------------------------------------------------- loop
