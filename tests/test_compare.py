@@ -235,3 +235,26 @@ def test_bad_comparison_inputs_name_the_field():
     with pytest.raises(ValueError, match="seeds='0,x' is not a list of integers"):
         compare.comparison_seeds(ml_collections.ConfigDict({"seeds": "0,x"}))
     assert compare.comparison_seeds(ml_collections.ConfigDict({"seeds": "[3, 4]"})) == [3, 4]
+
+
+def test_science_configs_build_valid_runs():
+    import importlib
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from moe_jax import train as train_lib
+
+    for name, spec in (("scaling", None), ("scaling", "gpu"), ("headline", "mini,swiglu"), ("experts", "mini")):
+        cmp_cfg = importlib.import_module(f"configs.compare_{name}").get_config(spec)
+        runs = compare.model_configs(cmp_cfg)
+        assert cmp_cfg.lr_search and compare.lr_grid(cmp_cfg) == [1e-3, 2e-3, 4e-3]
+        for run_name, run_cfg in runs.items():
+            assert run_cfg.data.corpus == "transformers_src"
+            m = train_lib.validate_config(run_cfg)
+            if name == "experts" and m.moe is not None:
+                assert m.moe.dispatcher == "dropless"  # no drops at any expert count
+            if name == "headline":  # SwiGLU on dense blocks and experts alike
+                assert m.glu and m.activation == "silu" and (m.moe is None or (m.moe.glu and m.moe.activation == "silu"))
+        if name == "scaling":
+            assert len(cmp_cfg.scaling.dense) == len(cmp_cfg.scaling.moe) >= 3
+            assert sorted(cmp_cfg.scaling.dense + cmp_cfg.scaling.moe) == sorted(runs)
