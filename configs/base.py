@@ -81,7 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.data = ml_collections.ConfigDict(dict(
-        corpus="shakespeare",  # 'shakespeare' | 'transformers_src' (docs/corpus.md) | a .txt file | a folder of .txt | a glob (moe_jax/data.py)
+        # 'shakespeare' | 'transformers_src' (docs/corpus.md) | a .txt file | a folder of .txt | a glob (moe_jax/data.py)
+        corpus="shakespeare",
         tokenizer="bpe",  # 'bytes' (256 ids) | 'bpe' (SentencePiece, trained on the training split)
         vocab_size=4096,  # bpe only
         seq_len=128, batch_size=16,  # L and the global B

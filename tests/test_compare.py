@@ -254,7 +254,8 @@ def test_science_configs_build_valid_runs():
             if name == "experts" and m.moe is not None:
                 assert m.moe.dispatcher == "dropless"  # no drops at any expert count
             if name == "headline":  # SwiGLU on dense blocks and experts alike
-                assert m.glu and m.activation == "silu" and (m.moe is None or (m.moe.glu and m.moe.activation == "silu"))
+                assert m.glu and m.activation == "silu"
+                assert m.moe is None or (m.moe.glu and m.moe.activation == "silu")
         if name == "scaling":
             assert len(cmp_cfg.scaling.dense) == len(cmp_cfg.scaling.moe) >= 3
             assert sorted(cmp_cfg.scaling.dense + cmp_cfg.scaling.moe) == sorted(runs)

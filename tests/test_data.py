@@ -485,4 +485,5 @@ def test_shakespeare_test_split_leaves_validation_unchanged():
     assert plain.test_text == "" and tested.val_text == plain.val_text
     assert tested.test_names == tuple(sorted(d.SHAKESPEARE_TEST_WORKS))
     assert set(tested.train_names) == set(plain.train_names) - set(d.SHAKESPEARE_TEST_WORKS)
-    assert "O, beware, my lord, of jealousy" in tested.test_text and "beware, my lord, of jealousy" not in tested.train_text
+    assert "O, beware, my lord, of jealousy" in tested.test_text  # Othello is held out ...
+    assert "beware, my lord, of jealousy" not in tested.train_text  # ... whole
