@@ -259,3 +259,28 @@ def test_science_configs_build_valid_runs():
         if name == "scaling":
             assert len(cmp_cfg.scaling.dense) == len(cmp_cfg.scaling.moe) >= 3
             assert sorted(cmp_cfg.scaling.dense + cmp_cfg.scaling.moe) == sorted(runs)
+
+
+def test_scaling_study_through_run_comparison(tmp_path):
+    # Dense d{i}: N = active - embedding = 1e5 * 4^i, test loss 40 N^-0.4 + 2.5; MoE m{i}: same N, the dense loss
+    # of 2N, so each MoE is worth 2x its N (multiplier 2.0). No learning-rate search here.
+    from moe_jax import stats
+
+    fit = {"a": 40.0, "alpha": 0.4, "c": 2.5}
+    sizes = {f"{arm}{i}": 1e5 * 4 ** i for arm in ("d", "m") for i in range(3)}
+
+    def train_fn(run_cfg, run_dir):
+        name = run_dir.split(os.sep)[-2]
+        n = sizes[name]
+        loss = float(stats.power_law(n * (2 if name[0] == "m" else 1), fit))
+        _write_run(run_dir, [(10, loss + 0.1)], 1.0, {"val_loss": loss + 0.1, "test_loss": loss,
+                                                      "active_params": n + 1000, "embedding_params": 1000,
+                                                      "train_flops_per_token": 6 * n, "train_tokens": 10 ** 6})
+
+    cmp_cfg = _science_cfg({k: {} for k in sizes}, seeds=(0,))
+    cmp_cfg.scaling = {"dense": ["d0", "d1", "d2"], "moe": ["m0", "m1", "m2"]}
+    out = compare.run_comparison(cmp_cfg, str(tmp_path), train_fn=train_fn, log=lambda *a: None)
+    np.testing.assert_allclose(out["scaling"]["multipliers"]["moe"], [2.0, 2.0, 2.0], rtol=1e-3)
+    assert out["scaling"]["fits"]["dense"]["alpha"] == pytest.approx(0.4, rel=1e-3)
+    assert "Scaling:" in out["table"] and os.path.getsize(tmp_path / "scaling.png") > 0
+    assert out["rows"][0]["tokens"] == 10 * 8 * 64  # steps * B * L of the tiny size
