@@ -515,6 +515,9 @@ def plot_lr(workdir: str, lr_info: Dict[str, Dict[str, Any]]) -> str:
             ax.plot([info["chosen"]], [float(np.mean(info["val"][info["chosen"]]))], "k*", ms=12, label="chosen")
             ax.legend(fontsize=8)
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(lrs)
+        ax.set_xticklabels([f"{x:g}" for x in lrs], fontsize=8)
         ax.set_title(n, fontsize=9)
         ax.set_xlabel("learning rate")
         ax.set_ylabel("validation loss")
@@ -738,7 +741,7 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
     if rows and np.isfinite(rows[0]["epochs"]):
         r0 = rows[0]
         title += (f"\n\nData: {configs[names[0]].data.corpus}, {r0['tokens'] / r0['epochs']:,.0f} training tokens; "
-                  f"{r0['tokens']:,} tokens per run = {r0['epochs']:.2f} epochs.")
+                  f"{r0['tokens']:,} tokens per run = {r0['epochs']:.3g} epochs.")
     table = write_table(rows, workdir, title=title, lr_info=lr_info, gaps=gaps, note=note)
     plots = plot(workdir, names, seeds, runs)
     if lr_info:
