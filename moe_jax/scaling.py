@@ -77,7 +77,9 @@ def scaling_report(points: Dict[str, List[Dict[str, Any]]], workdir: str, dense_
     lines += ["", "Fits L(N) = a * N^-alpha + c (least squares):", ""]
     for arm, f in fits.items():
         lines.append(f"- {arm}: " + (f"a={f['a']:.4g}, alpha={f['alpha']:.3f}, c={f['c']:.3f}, rmse={f['rmse']:.4f}"
-                                     if "a" in f else f"no fit ({f['error']})"))
+                                     if "a" in f else f"no fit ({f['error']})")
+                     + (" **(alpha at the end of the searched range [0.001, 3]: these points do not determine "
+                        "a power law with an asymptote; its multipliers mean nothing)**" if f.get("at_bound") else ""))
     lines += ["", "multiplier: the dense size with the model's loss on the dense fit, over the model's N "
               "(Clark et al. 2022); inf: below the dense fit's asymptote c; outside the dense sizes measured it "
               "is an extrapolation. With 3 sizes the fit has 0 degrees of freedom (it passes through them)."]

@@ -56,7 +56,7 @@ def _fit_fixed_alpha(n: np.ndarray, loss: np.ndarray, alpha: float) -> Tuple[flo
 
 
 def fit_power_law(n: Sequence[float], loss: Sequence[float]) -> Dict[str, float]:
-    """``{'a', 'alpha', 'c', 'rmse'}`` of ``loss ~ a * n**-alpha + c`` by least squares over ``alpha``
+    """``{'a', 'alpha', 'c', 'rmse', 'at_bound'}`` of ``loss ~ a * n**-alpha + c`` by least squares over ``alpha``
     (a log grid on [1e-3, 3], then golden-section refinement; ``a`` and ``c`` are linear given ``alpha``).
     Needs >= 3 points with distinct ``n`` (3 points are fitted exactly when the curve can pass through them).
     ``n`` is rescaled by its geometric mean inside the fit, so ``a`` is returned for the raw ``n``."""
@@ -93,7 +93,11 @@ def fit_power_law(n: Sequence[float], loss: Sequence[float]) -> Dict[str, float]
     if not np.isfinite(sse(alpha)):
         raise ValueError("fit_power_law: no decreasing power law fits these points (the loss does not fall with n).")
     a, c, e = _fit_fixed_alpha(u, loss, alpha)
-    return {"a": a * scale ** alpha, "alpha": float(alpha), "c": c, "rmse": math.sqrt(e / len(n))}
+    # alpha at an end of the searched range: the points do not pin down a power law with an asymptote (e.g. a
+    # loss linear in log N gives alpha -> 0, c -> -inf); the fit and its multipliers are then not meaningful.
+    at_bound = bool(alpha <= grid[1] or alpha >= grid[-2])
+    return {"a": a * scale ** alpha, "alpha": float(alpha), "c": c, "rmse": math.sqrt(e / len(n)),
+            "at_bound": at_bound}
 
 
 def power_law(n, fit: Dict[str, float]):
