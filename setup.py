@@ -37,5 +37,10 @@ setup(
             "torch==2.13.0",
             "transformers==5.23.0",
         ],
+        # The data-rich built-in corpus data.corpus='transformers_src' (docs/corpus.md): only the package's .py
+        # files are read, so `pip install --no-deps transformers==5.23.0` is enough; the pin defines the corpus.
+        "corpus": [
+            "transformers==5.23.0",
+        ],
     },
 )

@@ -81,11 +81,13 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.data = ml_collections.ConfigDict(dict(
-        corpus="shakespeare",  # 'shakespeare' | a .txt file | a folder of .txt | a glob (moe_jax/data.py)
+        # 'shakespeare' | 'transformers_src' (docs/corpus.md) | a .txt file | a folder of .txt | a glob (moe_jax/data.py)
+        corpus="shakespeare",
         tokenizer="bpe",  # 'bytes' (256 ids) | 'bpe' (SentencePiece, trained on the training split)
         vocab_size=4096,  # bpe only
         seq_len=128, batch_size=16,  # L and the global B
         cache_dir="",  # '' = ~/.cache/moe_jax or $MOE_JAX_CACHE
+        test_split=False,  # also hold out a test split (moe_jax/data.py; 'transformers_src' always has one)
     ))
     c.model = ml_collections.ConfigDict(dict(
         d_model=256, num_layers=4, num_heads=4, d_ff=1024, activation="gelu", glu=False, tie_embeddings=True,
@@ -105,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
         weight_decay=0.1, grad_clip=1.0, adam_b1=0.9, adam_b2=0.95,  # AdamW; grad_clip 0 = off
         log_every=25,  # train metrics (host sync) every n steps
         eval_every=200, eval_batches=16,  # validation loss every n steps (0 = only at the end), on n batches
+        test_batches=64,  # test loss at the end on at most n batches, if the corpus has a test split
         ckpt_every=200, keep_ckpts=3,  # checkpoint every n steps (0 = only at the end), keep the last k
         sample_tokens=200, sample_prompt="",  # text sample at the end (0 = none)
         debug_step_delay_s=0.0,  # sleep after each step (only to test kill-and-resume); 0 = off

@@ -1,7 +1,12 @@
 """Shared pieces of the dense-vs-sparse comparison configs (``experiments/compare.py``).
 
-A comparison config has ``base`` (a training config), ``models`` (``{name: nested overrides}``), ``seeds``,
-``title`` and ``results_dir`` (where the committed table and plots go; '' = only the workdir).
+A comparison config has ``base`` (a training config), ``models`` (``{name: nested overrides}``), ``seeds`` (a
+tuple), ``lr_search`` / ``lr_grid`` / ``lr_select_seeds`` (per-model learning-rate search, ``moe_jax/compare.py``),
+``gap_reference``, ``title`` and ``results_dir`` (where ``--publish`` copies the table and plots; '' = nowhere).
+
+The science protocol of the studies (docs/corpus.md, docs/results/README.md): the data-rich corpus
+``transformers_src`` (``science_config``), every model at its own learning rate of ``LR_GRID`` chosen on the
+validation split, test-split losses, 3 seeds, dropless dispatch for MoE rows whose point is not the capacity.
 """
 import os
 import sys
@@ -19,6 +24,33 @@ TOP2 = dict(num_experts=8, k=2, router="gshard", capacity_factor=1.25, eval_capa
             slot_order="token_major", lb_loss_coef=1e-2, z_loss_coef=1e-3)
 
 
+# The learning-rate grid of the science protocol: log-spaced, factor 2, around the 2e-3 default.
+LR_GRID = (1e-3, 2e-3, 4e-3)
+# Switch top-1 and GShard top-2 without drops (dropless dispatch, ``moe_jax/dispatch.py``): the expert-count
+# and headline curves then show routing, not capacity artefacts.
+SWITCH_DROPLESS = dict(SWITCH, dispatcher="dropless")
+TOP2_DROPLESS = dict(TOP2, dispatcher="dropless")
+
+
+def science_config(size=None, **train):
+    """The base training config of the science protocol at ``size``: the ``transformers_src`` corpus (BPE
+    4096; its test split is built in), the size's model and optimizer, ``train`` overrides."""
+    return base.make_config(size, data=dict(corpus="transformers_src"), train=train or None)
+
+
+def swiglu(models: dict) -> dict:
+    """Every model of ``models`` with SwiGLU FFNs (silu + GLU) in its dense blocks and in its experts: the same
+    activation for dense and MoE (the FFN then has 3 weight matrices; widths unchanged)."""
+    out = {}
+    for name, ov in models.items():
+        ov = dict(ov)
+        model = dict(ov.get("model", {}), activation="silu", glu=True)
+        model["moe"] = dict(model.get("moe", {}), activation="silu", glu=True)
+        ov["model"] = model
+        out[name] = ov
+    return out
+
+
 def moe_model(moe: dict, moe_every: int = 2, **model) -> dict:
     """Overrides that turn the dense base into an MoE model."""
     return {"model": dict(moe_every=moe_every, moe=dict(moe), **model)}
@@ -34,7 +66,8 @@ def dense_with_params_of(base_cfg, num_experts: int, moe_every: int = 2) -> dict
 
 
 def make(base_cfg, models: dict, seeds=(0,), title: str = "", results_dir: str = "",
-         size=None) -> ml_collections.ConfigDict:
+         size=None, lr_search: bool = False, lr_grid=LR_GRID, lr_select_seeds: int = 1,
+         gap_reference: str = "") -> ml_collections.ConfigDict:
     """The comparison config. ``size``: the config size the study was built at; a size other than the default
     'small' tags the title and sends the committed results to ``<results_dir>_<size>`` (so that a CPU-sized
     study, e.g. ``configs/compare_routers.py:mini``, does not overwrite the full-size one)."""
@@ -45,7 +78,11 @@ def make(base_cfg, models: dict, seeds=(0,), title: str = "", results_dir: str =
     c.base = base_cfg
     c.models = ml_collections.ConfigDict(models)
     c.order = list(models)  # table and plot order (ConfigDict sorts keys)
-    c.seeds = list(seeds)
+    c.seeds = tuple(seeds)  # a tuple, so that --config.seeds=0,1,2 (or '[0,1,2]') parses
+    c.lr_search = bool(lr_search)
+    c.lr_grid = tuple(float(x) for x in lr_grid)
+    c.lr_select_seeds = int(lr_select_seeds)
+    c.gap_reference = gap_reference
     c.title = title
     c.results_dir = results_dir
     return c

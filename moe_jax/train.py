@@ -809,6 +809,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
     finally:
         bar.close()
         writer.close()
+    test = {}
+    if token_data.test.size:  # the held-out test split (data.test_split): once, at the end, never for choices
+        test_batches = data_lib.eval_batches(token_data.test, batch_size, seq_len,
+                                             int(tr.get("test_batches", 64)))
+        ces = [eval_step(state, b)["ce"] for b in test_batches]
+        test = {"test_loss": float(np.mean(jax.device_get(ces))), "test_batches": len(test_batches)}
     state = host(state)
     variables = {"params": state.params, **({MOE_STATE: state.moe_state} if state.moe_state else {})}
     sample = ""
@@ -821,9 +827,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
     result = {
         "workdir": workdir, "step": int(jax.device_get(state.step)), "resumed_from": resumed_from,
         "train_loss": last_train.get("loss"), "train_ce": last_train.get("ce"),
-        "val_loss": last_val.get("loss"), "val_ppl": last_val.get("ppl"),
+        "val_loss": last_val.get("loss"), "val_ppl": last_val.get("ppl"), **test,
         "tokens_per_s": float(np.mean(throughput)) if throughput else None,
         "total_params": counts.total_params, "active_params": counts.active_params,
+        "embedding_params": counts.embedding_params, "train_tokens": int(token_data.train.size),
         "train_flops_per_token": counts.train_flops_per_token, "flops_per_token": counts.train_flops_per_token,
         "wall_s": time.time() - t_start, "sample": sample,
     }

