@@ -83,11 +83,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    try:
-        step, report = upcycle_checkpoint(FLAGS.config, FLAGS["from"].value, FLAGS.workdir, FLAGS.method, FLAGS.step)
-    except (ValueError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    step, report = upcycle_checkpoint(FLAGS.config, FLAGS["from"].value, FLAGS.workdir, FLAGS.method, FLAGS.step)
     blocks = ", ".join(f"block {r['block']}: {r['method']}" for r in report["blocks"])
     print(f"wrote {os.path.join(os.path.abspath(FLAGS.workdir), 'checkpoints', str(step))} from "
           f"{report['from_dir']} step {report['source_step']} ({blocks}); train with the same --config and "
@@ -96,4 +92,5 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    from moe_jax import cli
+    cli.run(main)  # every error one line on stderr (MOE_JAX_VERBOSE=1: the traceback)
