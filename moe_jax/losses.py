@@ -38,16 +38,7 @@ def load_balancing_loss(
     Returns:
       scalar float32.
     """
-    num_experts = router_probs.shape[-1]
-    m = _mask_or_ones(mask, router_probs.shape[:2])  # [G, S]
-    if valid is None:
-        v = jnp.broadcast_to(m[..., None], expert_index.shape)
-    else:
-        v = valid.astype(jnp.float32) * m[..., None]  # [G, S, K]
-    counts = jnp.sum(jax.nn.one_hot(expert_index, num_experts) * v[..., None], axis=(0, 1, 2))  # [E]
-    f = counts / jnp.maximum(jnp.sum(v), 1.0)
-    p = jnp.sum(router_probs.astype(jnp.float32) * m[..., None], axis=(0, 1)) / jnp.maximum(jnp.sum(m), 1.0)
-    return num_experts * jnp.sum(jax.lax.stop_gradient(f) * p)
+    return pooled_load_balancing([load_balancing_parts(router_probs, expert_index, mask, valid)])
 
 
 def load_balancing_parts(
