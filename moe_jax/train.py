@@ -743,8 +743,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
     clock = lambda step: {"elapsed_s": elapsed0 + time.time() - t_run,
                           "flops": flops0 + float(step - start) * tokens_per_step * counts.train_flops_per_token}
 
-    def evaluate(state) -> Dict[str, float]:
-        ces = [eval_step(state, b)["ce"] for b in val_batches]
+    def evaluate(state, batches=val_batches) -> Dict[str, float]:
+        ces = [eval_step(state, b)["ce"] for b in batches]
         ce = float(np.mean(jax.device_get(ces))) if ces else float("nan")
         return {"loss": ce, "ppl": float(math.exp(min(ce, 50.0)))}
 
@@ -819,8 +819,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, restart: bool = False
     if token_data.test.size:  # the held-out test split (data.test_split): once, at the end, never for choices
         test_batches = data_lib.eval_batches(token_data.test, batch_size, seq_len,
                                              int(tr.get("test_batches", 64)))
-        ces = [eval_step(state, b)["ce"] for b in test_batches]
-        test = {"test_loss": float(np.mean(jax.device_get(ces))), "test_batches": len(test_batches)}
+        test = {"test_loss": evaluate(state, test_batches)["loss"], "test_batches": len(test_batches)}
     state = host(state)
     variables = {"params": state.params, **({MOE_STATE: state.moe_state} if state.moe_state else {})}
     sample = ""
