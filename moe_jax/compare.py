@@ -33,7 +33,7 @@ import math
 import os
 import re
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -635,6 +635,135 @@ def find_same_run(run_cfg, reuse_dirs: List[str], seed: int) -> Optional[str]:
     return None
 
 
+def parse_only(only: List[str], names: List[str], seeds: List[int], grid: List[float],
+               sel: List[int]) -> set:
+    """``--only`` items -> a set of ``(model, seed, lr or None)``. ``'model:seed'`` is every run of that model
+    and seed (with ``lr_search``, its whole grid at a selection seed); ``'model:seed:lr'`` is one grid run, so
+    that the grid too can be split across processes. ``lr`` must be a rate of ``lr_grid``; at a seed that is
+    not a selection seed it must be omitted (that seed trains at the chosen rate, unknown until the grid is
+    done)."""
+    wanted = set()
+    form = "'model:seed' or 'model:seed:lr'" if grid else "'model:seed'"
+    for item in only:
+        parts = item.split(":")
+        name, seed = parts[0], parts[1] if len(parts) > 1 else ""
+        if (len(parts) not in (2, 3) or name not in names or not seed.lstrip("-").isdigit()
+                or int(seed) not in seeds):
+            raise ValueError(f"--only {item!r}: expected {form} with model in {names} and seed in {seeds}.")
+        lr = None
+        if len(parts) == 3:
+            try:
+                lr = float(parts[2])
+            except ValueError:
+                lr = None
+            match = [g for g in grid if lr is not None and abs(g - lr) <= 1e-9 * max(abs(g), 1e-30)]
+            if not grid:
+                raise ValueError(f"--only {item!r}: a learning rate is given but this comparison has no "
+                                 "lr_search; write 'model:seed'.")
+            if not match:
+                raise ValueError(f"--only {item!r}: {parts[2]!r} is not a rate of lr_grid {list(grid)}.")
+            if int(seed) not in sel:
+                raise ValueError(f"--only {item!r}: seed {seed} is not a selection seed {sel}; it trains at the "
+                                 f"chosen rate only: write '{name}:{seed}'.")
+            lr = match[0]
+        wanted.add((name, int(seed), lr))
+    return wanted
+
+
+def run_plan(cmp_cfg, workdir: str) -> List[Tuple[str, List[str]]]:
+    """The runs of a comparison that have no ``summary.json`` yet, as ``[(only item, [items it waits for])]``
+    in training order: each is one ``--only`` item (``'model:seed:lr'`` for a grid run, ``'model:seed'``
+    otherwise). A seed at a model's chosen rate waits for that model's grid runs. For running a comparison in
+    parallel processes (``experiments/compare.py --jobs N``)."""
+    workdir = os.path.abspath(workdir)
+    names = list(model_configs(cmp_cfg))
+    seeds = comparison_seeds(cmp_cfg)
+    grid = lr_grid(cmp_cfg)
+    done = lambda *parts: os.path.exists(os.path.join(workdir, *parts, "summary.json"))
+    plan = []
+    if not grid:
+        return [(f"{n}:{s}", []) for n in names for s in seeds if not done(n, f"seed{s}")]
+    sel = select_seeds(cmp_cfg, seeds)
+    for n in names:
+        for s in sel:
+            for lr in grid:
+                if not done(n, lr_tag(lr), f"seed{s}"):
+                    plan.append((f"{n}:{s}:{lr:g}", []))
+    for n in names:
+        waits = [f"{n}:{s}:{lr:g}" for s in sel for lr in grid if not done(n, lr_tag(lr), f"seed{s}")]
+        for s in seeds[len(sel):]:
+            if not any(done(n, lr_tag(lr), f"seed{s}") for lr in grid):
+                plan.append((f"{n}:{s}", waits))
+    return plan
+
+
+def child_command(python: str, script: str, argv: List[str], item: str) -> List[str]:
+    """The command of one run of ``run_parallel``: ``script`` with its arguments ``argv`` less ``--jobs``,
+    ``--only``, ``--publish`` and ``--table_only``, plus ``--only=item``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--jobs", "--only"):
+            skip = True
+            continue
+        if a.startswith(("--jobs=", "--only=", "--publish", "--nopublish", "--table_only", "--notable_only")):
+            continue
+        out.append(a)
+    return [python, script] + out + [f"--only={item}"]
+
+
+def run_parallel(cmp_cfg, workdir: str, jobs: int, command, log=print) -> None:
+    """Train the missing runs of a comparison ``jobs`` at a time (``run_plan``): ``command(item)`` is the
+    argv of the process that trains ``--only`` item (``child_command``); each process is pinned to one CPU
+    core where the OS allows and logs to ``<workdir>/logs/<item>.log``. A failed run stops new starts and,
+    once the running ones end, raises with the path of its log."""
+    import subprocess
+    import time
+
+    plan = run_plan(cmp_cfg, workdir)
+    logs = os.path.join(os.path.abspath(workdir), "logs")
+    os.makedirs(logs, exist_ok=True)
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    finished, running, failed = set(), {}, []
+    pending = list(plan)
+    log(f"[compare] {len(plan)} runs to train, {jobs} at a time; logs in {logs}")
+    while pending or running:
+        free = [c for c in range(jobs) if c not in {slot for slot, _, _, _ in running.values()}]
+        # a ready run that waited for a grid goes first: a model's seeds finish before the next model's grid
+        ready = sorted([(item, waits) for item, waits in pending if all(w in finished for w in waits)],
+                       key=lambda p: not p[1])
+        while free and ready and not failed:
+            (item, _), slot = ready.pop(0), free.pop(0)
+            pending = [p for p in pending if p[0] != item]
+            path = os.path.join(logs, item.replace(":", "_") + ".log")
+            core = cores[slot % len(cores)] if cores and len(cores) >= jobs else None
+            pin = (lambda c=core: os.sched_setaffinity(0, {c})) if core is not None else None
+            with open(path, "a") as f:
+                proc = subprocess.Popen(command(item), stdout=f, stderr=subprocess.STDOUT, preexec_fn=pin)
+            running[item] = (slot, proc, path, time.time())
+            log(f"[compare] started {item}" + (f" on core {core}" if core is not None else "") + f" -> {path}")
+        if failed and not running:
+            break
+        if not running and pending and not ready:
+            raise RuntimeError(f"--jobs: runs {[p[0] for p in pending]} wait for runs that never finished")
+        time.sleep(0.5)
+        for item, (slot, proc, path, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[item]
+            if proc.returncode == 0:
+                finished.add(item)
+                log(f"[compare] finished {item} in {time.time() - t0:.0f} s")
+            else:
+                failed.append((item, path))
+                log(f"[compare] {item} failed (exit {proc.returncode}); see {path}")
+    if failed:
+        raise RuntimeError(f"--jobs: {len(failed)} run(s) failed: "
+                           + "; ".join(f"{i} (log {p})" for i, p in failed))
+
+
 def _train_one(name, cfg, seed, run_dir, names, workdir, reuse_dirs, train_fn, log, lr=None) -> None:
     if os.path.exists(os.path.join(run_dir, "summary.json")):
         log(f"[compare] {name} seed {seed}{'' if lr is None else f' lr {lr:g}'}: done already, skipping")
@@ -663,9 +792,10 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
 
     With ``lr_search``: first every (model, rate of ``lr_grid``) at the selection seeds, then each model's
     chosen rate (lowest mean validation loss) at the remaining seeds.
-    ``only``: a list of ``'model:seed'`` — train just those runs and write no table (for running the runs of one
-    comparison as separate processes side by side; a final call without ``only`` then writes the table). With
-    ``lr_search``, a selection seed trains the whole grid, another seed the chosen rate (its grid runs must be
+    ``only``: a list of ``'model:seed'`` or ``'model:seed:lr'`` (``parse_only``) — train just those runs and
+    write no table (for running the runs of one comparison as separate processes side by side; a final call
+    without ``only`` then writes the table). With ``lr_search``, ``'model:seed'`` at a selection seed trains
+    the whole grid, ``'model:seed:lr'`` one rate of it, and another seed the chosen rate (its grid runs must be
     done).
     ``train_missing=False``: tabulate what exists and train nothing (unfinished runs show what they logged).
     ``reuse``: workdirs of other comparisons; a missing run whose exact config finished there is copied
@@ -692,31 +822,26 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
     for root in reuse_dirs:  # checked once, before any training
         if not os.path.isdir(root):
             raise ValueError(f"--reuse {root!r}: no such folder; give the --workdir of an earlier comparison.")
-    wanted = None
-    if only:
-        wanted = set()
-        for item in only:
-            name, _, seed = item.partition(":")
-            if name not in configs or not seed.lstrip("-").isdigit() or int(seed) not in seeds:
-                raise ValueError(f"--only {item!r}: expected 'model:seed' with model in {names} and seed in {seeds}.")
-            wanted.add((name, int(seed)))
+    wanted = parse_only(only, names, seeds, grid, sel) if only else None
     os.makedirs(workdir, exist_ok=True)
-    todo = lambda name, seed: train_missing and (wanted is None or (name, seed) in wanted)
+
+    def todo(name, seed, lr=None):
+        return train_missing and (wanted is None or (name, seed, None) in wanted or (name, seed, lr) in wanted)
     args = dict(names=names, workdir=workdir, reuse_dirs=reuse_dirs, train_fn=train_fn, log=log)
     lr_info = None
     if grid:
         for name, cfg in configs.items():  # phase 1: the grid at the selection seeds
             for seed in sel:
                 for lr in grid:
-                    if todo(name, seed):
+                    if todo(name, seed, lr):
                         _train_one(name, cfg, seed, os.path.join(workdir, name, lr_tag(lr), f"seed{seed}"), lr=lr,
                                    **args)
         lr_info = lr_search_table(workdir, names, grid, sel)
         for name, cfg in configs.items():  # phase 2: the chosen rate at the other seeds
             for seed in seeds[len(sel):]:
-                if not todo(name, seed):
-                    continue
                 lr = lr_info[name]["chosen"]
+                if not todo(name, seed, lr):
+                    continue
                 if lr is None:
                     raise ValueError(f"compare: {name} seed {seed} needs {name}'s chosen learning rate, but its "
                                      f"grid runs at seeds {sel} are not all finished; train those first.")

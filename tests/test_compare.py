@@ -284,3 +284,58 @@ def test_scaling_study_through_run_comparison(tmp_path):
     assert out["scaling"]["fits"]["dense"]["alpha"] == pytest.approx(0.4, rel=1e-3)
     assert "Scaling:" in out["table"] and os.path.getsize(tmp_path / "scaling.png") > 0
     assert out["rows"][0]["tokens"] == 10 * 8 * 64  # steps * B * L of the tiny size
+
+
+def test_only_items_pick_single_grid_runs(tmp_path):
+    # Grid (1e-3, 2e-3), seeds 0, 1, selection seed 0. 'b:0:2e-3' trains exactly one grid run; 'a:0' the
+    # whole grid of a; nothing else is trained and no table is written.
+    cmp_cfg = _science_cfg({"a": {}, "b": {}}, seeds=(0, 1), lr_search=True, lr_grid=(1e-3, 2e-3))
+    train_fn, calls = _fake_train(lambda m, lr, s: (3.0 + lr, 3.0))
+    wd = str(tmp_path / "cmp")
+    out = compare.run_comparison(cmp_cfg, wd, train_fn=train_fn, log=lambda *a: None, only=["b:0:2e-3", "a:0"])
+    assert sorted(calls) == [("a", 1e-3, 0), ("a", 2e-3, 0), ("b", 2e-3, 0)] and out["table"] == ""
+    names, seeds, grid = ["a", "b"], [0, 1], [1e-3, 2e-3]
+    assert compare.parse_only(["a:1", "b:0:0.001"], names, seeds, grid, [0]) == {("a", 1, None), ("b", 0, 1e-3)}
+    for bad, match in [("a:0:3e-3", "not a rate of lr_grid"), ("a:1:1e-3", "not a selection seed"),
+                       ("c:0", "expected 'model:seed' or 'model:seed:lr'"), ("a:0:1e-3:x", "expected"),
+                       ("a:5", "seed in"), ("a:0:fast", "not a rate")]:
+        with pytest.raises(ValueError, match=match):
+            compare.parse_only([bad], names, seeds, grid, [0])
+    with pytest.raises(ValueError, match="no lr_search"):
+        compare.parse_only(["a:0:1e-3"], names, seeds, [], [])
+
+
+def test_run_plan_lists_missing_runs_with_their_waits(tmp_path):
+    cmp_cfg = _science_cfg({"a": {}, "b": {}}, seeds=(0, 1, 2), lr_search=True, lr_grid=(1e-3, 2e-3))
+    wd = str(tmp_path / "cmp")
+    # a's grid is done and a's seed 1 too; b has nothing.
+    for lr in ("lr0.001", "lr0.002"):
+        _write_run(os.path.join(wd, "a", lr, "seed0"), [(10, 3.0)], 1.0, {"val_loss": 3.0})
+    _write_run(os.path.join(wd, "a", "lr0.002", "seed1"), [(10, 3.0)], 1.0, {"val_loss": 3.0})
+    plan = compare.run_plan(cmp_cfg, wd)
+    assert plan == [("b:0:0.001", []), ("b:0:0.002", []), ("a:2", []),
+                    ("b:1", ["b:0:0.001", "b:0:0.002"]), ("b:2", ["b:0:0.001", "b:0:0.002"])]
+    plain = _science_cfg({"a": {}, "b": {}}, seeds=(0, 1))
+    assert compare.run_plan(plain, str(tmp_path / "p")) == [("a:0", []), ("a:1", []), ("b:0", []), ("b:1", [])]
+
+
+def test_parallel_runs_respect_waits_and_report_a_failure(tmp_path, monkeypatch):
+    # The scheduler of `compare.py --jobs`, with each run replaced by a tiny Python process that appends its
+    # item to a file (no JAX): every seed-1 run starts after its model's grid runs finished.
+    import sys
+
+    order = tmp_path / "order.txt"
+    code = "import sys, time; time.sleep(0.2); open(sys.argv[1], 'a').write(sys.argv[2] + '\\n'); sys.exit(sys.argv[2] == 'b:1')"
+    cmp_cfg = _science_cfg({"a": {}, "b": {}}, seeds=(0, 1), lr_search=True, lr_grid=(1e-3, 2e-3))
+    wd = str(tmp_path / "cmp")
+    with pytest.raises(RuntimeError, match=r"--jobs: 1 run\(s\) failed: b:1 \(log .*b_1.log\)"):
+        compare.run_parallel(cmp_cfg, wd, jobs=2, log=lambda *a: None,
+                             command=lambda item: [sys.executable, "-c", code, str(order), item])
+    done = order.read_text().split()
+    assert sorted(done) == ["a:0:0.001", "a:0:0.002", "a:1", "b:0:0.001", "b:0:0.002", "b:1"]
+    for model in ("a", "b"):
+        assert done.index(f"{model}:1") > max(done.index(f"{model}:0:0.001"), done.index(f"{model}:0:0.002"))
+    # argv of a child: the command's own flags without --jobs/--publish, plus --only
+    argv = ["--config", "c.py", "--jobs", "2", "--publish", "--workdir=w", "--config.seeds=0,1", "--only=x:0"]
+    assert compare.child_command("py", "s.py", argv, "a:0") == [
+        "py", "s.py", "--config", "c.py", "--workdir=w", "--config.seeds=0,1", "--only=a:0"]
