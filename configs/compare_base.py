@@ -77,7 +77,7 @@ def make(base_cfg, models: dict, seeds=(0,), title: str = "", results_dir: str =
     c = ml_collections.ConfigDict()
     c.base = base_cfg
     c.models = ml_collections.ConfigDict(models)
-    c.order = list(models)  # table and plot order (ConfigDict sorts keys)
+    c.order = tuple(models)  # table and plot order (ConfigDict sorts keys); --config.order=a,b runs a part
     c.seeds = tuple(seeds)  # a tuple, so that --config.seeds=0,1,2 (or '[0,1,2]') parses
     c.lr_search = bool(lr_search)
     c.lr_grid = tuple(float(x) for x in lr_grid)

@@ -1,4 +1,5 @@
-"""Scaling curves: dense and Switch top-1 (E=8, dropless, every other block) at 3 widths (CPU) or 4 (GPU), each
+"""Scaling curves: dense and Switch top-1 (E=8, every other block, the headline's capacity factor 1.25) at 3
+widths (CPU) or 4 (GPU), each
 model at its own learning rate of ``LR_GRID`` (validation split), test-split losses on ``transformers_src``.
 After the table: test loss vs training FLOPs per arm, ``L(N) = a N^-alpha + c`` fitted per arm, and the MoE's
 effective-parameter multiplier at each width (``moe_jax/scaling.py``).
@@ -6,10 +7,12 @@ effective-parameter multiplier at each width (``moe_jax/scaling.py``).
     python experiments/compare.py --config configs/compare_scaling.py --workdir runs/scaling         # CPU
     python experiments/compare.py --config configs/compare_scaling.py:gpu --workdir runs/scaling_gpu
 
-CPU (default): D = 64, 96, 128 (F = 4D, 4 blocks, 4 heads), L=128, B=16, 1000 steps (2.0M tokens = 0.15
-epochs of the 13.25M training tokens: no token is seen twice), 1 seed: 2 arms x 3 widths x 3 rates = 18 runs,
-about 2 hours on 2 CPU cores. More seeds: ``--config.seeds=0,1,2`` (the extra seeds train at the chosen rate
-only). 'gpu': D = 128, 256, 384, 512 (F = 4D, 6 blocks, 8 heads), L=256, B=64, 4000 steps (65.5M tokens,
+CPU (default): D = 32, 64, 128 (F = 4D, 4 blocks, 4 heads), L=128, B=16, 1000 steps (2.0M tokens = 0.15
+epochs of the 13.25M training tokens: no token is seen twice), the ``mini`` size's schedule and cadence, 1 seed:
+2 arms x 3 widths x 3 rates = 18 runs. At D=128 the runs are exactly the headline's ``dense`` and
+``switch_top1_e8`` grid runs (``configs/compare_headline.py:mini``), so ``--reuse runs/headline_mini`` copies
+those 6 instead of training them. More seeds: ``--config.seeds=0,1,2`` (the extra seeds train at the chosen
+rate only). 'gpu': D = 128, 256, 384, 512 (F = 4D, 6 blocks, 8 heads), L=256, B=64, 4000 steps (65.5M tokens,
 ~5 epochs).
 """
 import os
@@ -19,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import compare_base  # noqa: E402
 
 SIZES = {
-    "cpu": dict(widths=(64, 96, 128), layers=4, heads=4, seq_len=128, batch_size=16, steps=1000),
+    "cpu": dict(widths=(32, 64, 128), layers=4, heads=4, seq_len=128, batch_size=16, steps=1000),
     "gpu": dict(widths=(128, 256, 384, 512), layers=6, heads=8, seq_len=256, batch_size=64, steps=4000),
 }
 
@@ -29,22 +32,26 @@ def get_config(spec=None):
     if spec not in SIZES:
         raise ValueError(f"configs/compare_scaling.py:{spec}: choose one of {sorted(SIZES)}.")
     s = SIZES[spec]
-    cfg = compare_base.science_config("mini", steps=s["steps"], warmup_steps=max(50, s["steps"] // 20),
-                                      eval_every=max(1, s["steps"] // 4), ckpt_every=max(1, s["steps"] // 4),
-                                      sample_tokens=0)
+    if spec == "cpu":  # the mini size's own schedule: its D=128 runs equal the headline's (reusable)
+        cfg = compare_base.science_config("mini")
+    else:
+        cfg = compare_base.science_config("mini", steps=s["steps"], warmup_steps=max(50, s["steps"] // 20),
+                                          eval_every=max(1, s["steps"] // 4), ckpt_every=max(1, s["steps"] // 4),
+                                          sample_tokens=0)
+    assert cfg.train.steps == s["steps"]
     cfg.data.seq_len, cfg.data.batch_size = s["seq_len"], s["batch_size"]
     cfg.model.num_layers, cfg.model.num_heads = s["layers"], s["heads"]
     models, arms = {}, {"dense": [], "moe": []}
     for d in s["widths"]:
         width = dict(d_model=d, d_ff=4 * d)
         models[f"dense_d{d}"] = {"model": width}
-        moe = dict(compare_base.SWITCH_DROPLESS, expert_hidden=4 * d)
+        moe = dict(compare_base.SWITCH, expert_hidden=4 * d)
         models[f"moe_d{d}"] = compare_base.moe_model(moe, **width)
         arms["dense"].append(f"dense_d{d}")
         arms["moe"].append(f"moe_d{d}")
     order = arms["dense"] + arms["moe"]
     c = compare_base.make(cfg, {k: models[k] for k in order}, seeds=(0,),
-                          title=f"Scaling: dense vs Switch top-1 E=8 (dropless) over width [{spec}]",
+                          title=f"Scaling: dense vs Switch top-1 E=8 over width [{spec}]",
                           results_dir=f"docs/results/scaling_{spec}", lr_search=True, lr_grid=compare_base.LR_GRID)
     c.scaling = arms
     return c

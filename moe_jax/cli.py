@@ -24,7 +24,7 @@ USAGE_EXIT, ERROR_EXIT = 2, 1
 # A ValueError / OSError / RuntimeError whose message starts with one of these names a config field or a
 # flag: it is the user's to fix. Other messages are bugs and keep their traceback.
 FIELD_PREFIXES = ("config.", "model.", "moe.", "data.", "train.", "init.", "mesh.", "seed", "--", "MoELayer",
-                  "compare config", "block ", "a batch of", "batch of", "the converted", "cannot split",
+                  "compare config", "compare:", "block ", "a batch of", "batch of", "the converted", "cannot split",
                   "shared experts", "split_ffn", "upcycle_ffn", "taylor_importance", "router ", "generate:")
 
 

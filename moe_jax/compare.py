@@ -57,9 +57,18 @@ def model_configs(cmp_cfg) -> Dict[str, Any]:
 
     base = cmp_cfg.base.to_dict()
     models = cmp_cfg.models.to_dict()
-    order = list(cmp_cfg.get("order", None) or models)  # ConfigDict sorts its keys; `order` keeps the author's
-    if sorted(order) != sorted(models):
-        raise ValueError(f"compare config: order {order} must list exactly the models {sorted(models)}.")
+    # ConfigDict sorts its keys; `order` keeps the author's order. A subset (--config.order=dense,switch) runs
+    # and tabulates part of a study.
+    order = cmp_cfg.get("order", None) or list(models)
+    if isinstance(order, str):
+        order = [order]
+    # --config.order=a,b arrives as ('a,b',): split each entry on commas
+    order = [p.strip() for o in order for p in re.sub(r"[\[\]()'\"]", "", str(o)).split(",") if p.strip()]
+    unknown = [n for n in order if n not in models]
+    if unknown or len(set(order)) != len(order):
+        raise ValueError(f"compare config: order={order} must list models of {sorted(models)}, each once"
+                         + (f" ({unknown} are not models)" if unknown else "") + "; e.g. --config.order="
+                         + ",".join(sorted(models)[:2]) + ".")
     out = {}
     for name in order:
         overrides = models[name]
@@ -619,13 +628,19 @@ def _run_key(config_dict: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def find_same_run(run_cfg, reuse_dirs: List[str], seed: int) -> Optional[str]:
-    """A finished run (``<dir>/<any model>/seed<seed>`` with ``summary.json``) in one of ``reuse_dirs`` whose
+    """A finished run (``<dir>/<any model>/seed<seed>`` or ``<dir>/<any model>/lr<rate>/seed<seed>``, with
+    ``summary.json``) in one of ``reuse_dirs`` whose
     ``config.json`` holds exactly ``run_cfg`` (up to ``data.cache_dir``), or None. Studies share models (the
     Switch E=8 model is in four of them); with this, each is trained once."""
     want = _run_key(json.loads(run_cfg.to_json_best_effort()))
     for root in reuse_dirs:
+        cands = []
         for name in sorted(os.listdir(root)):
-            cand = os.path.join(root, name, f"seed{seed}")
+            cands.append(os.path.join(root, name, f"seed{seed}"))
+            if os.path.isdir(os.path.join(root, name)):  # a learning-rate search's runs: <model>/lr<rate>/seed<s>
+                cands += [os.path.join(root, name, sub, f"seed{seed}")
+                          for sub in sorted(os.listdir(os.path.join(root, name))) if sub.startswith("lr")]
+        for cand in cands:
             if not (os.path.exists(os.path.join(cand, "summary.json"))
                     and os.path.exists(os.path.join(cand, "config.json"))):
                 continue

@@ -339,3 +339,46 @@ def test_parallel_runs_respect_waits_and_report_a_failure(tmp_path, monkeypatch)
     argv = ["--config", "c.py", "--jobs", "2", "--publish", "--workdir=w", "--config.seeds=0,1", "--only=x:0"]
     assert compare.child_command("py", "s.py", argv, "a:0") == [
         "py", "s.py", "--config", "c.py", "--workdir=w", "--config.seeds=0,1", "--only=a:0"]
+
+
+def test_order_runs_part_of_a_study():
+    cmp_cfg = _science_cfg({"a": {}, "b": {}, "c": {}}, seeds=(0,))
+    assert list(compare.model_configs(cmp_cfg)) == ["a", "b", "c"]
+    cmp_cfg.order = ("c", "a")  # as --config.order=c,a gives it
+    assert list(compare.model_configs(cmp_cfg)) == ["c", "a"]
+    for bad, match in [(("a", "x"), r"\[.x.\] are not models"), (("a", "a"), "each once")]:
+        cmp_cfg.order = bad
+        with pytest.raises(ValueError, match=match):
+            compare.model_configs(cmp_cfg)
+
+
+def test_reuse_finds_a_grid_run_by_its_config(tmp_path):
+    # A learning-rate search keeps its runs in <model>/lr<rate>/seed<s>; the same config (up to data.cache_dir)
+    # is found there, a different rate is not.
+    cmp_cfg = _science_cfg({"a": {}}, seeds=(0,))
+    run_cfg = compare.model_configs(cmp_cfg)["a"]
+    run_cfg.seed, run_cfg.train.learning_rate = 0, 2e-3
+    found = tmp_path / "other" / "dense" / "lr0.002" / "seed0"
+    _write_run(str(found), [(10, 3.0)], 1.0, {"val_loss": 3.0})
+    stored = json.loads(run_cfg.to_json_best_effort())
+    stored["data"]["cache_dir"] = "/elsewhere"
+    (found / "config.json").write_text(json.dumps({"config": stored}))
+    assert compare.find_same_run(run_cfg, [str(tmp_path / "other")], 0) == str(found)
+    run_cfg.train.learning_rate = 4e-3
+    assert compare.find_same_run(run_cfg, [str(tmp_path / "other")], 0) is None
+
+
+def test_scaling_cpu_widest_runs_are_the_headline_runs():
+    # docs/results/README.md and configs/compare_scaling.py promise that --reuse of the headline study copies
+    # the D=128 runs: their configs must be the same (up to data.cache_dir).
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import compare_headline, compare_scaling
+
+    head = compare.model_configs(compare_headline.get_config("mini"))
+    scal = compare.model_configs(compare_scaling.get_config())
+    key = lambda c: compare._run_key(json.loads(c.to_json_best_effort()))
+    assert key(scal["dense_d128"]) == key(head["dense"])
+    assert key(scal["moe_d128"]) == key(head["switch_top1_e8"])
+    assert key(scal["moe_d64"]) != key(head["switch_top1_e8"])
