@@ -383,9 +383,25 @@ def paired_gaps(runs: Dict[str, Dict[int, str]], names: List[str], seeds: List[i
     return out
 
 
-def trust_note(seeds: List[int], searched: bool, gaps: List[Dict[str, Any]]) -> str:
+def grid_edges(lr_info: Optional[Dict[str, Dict[str, Any]]]) -> List[str]:
+    """The models whose chosen learning rate is the smallest or largest rate of the grid, as
+    ``'model (lr, largest)'``: their best rate may lie outside the grid."""
+    out = []
+    for n, info in (lr_info or {}).items():
+        grid = sorted(info["val"])
+        if info["chosen"] is not None and len(grid) > 1 and info["chosen"] in (grid[0], grid[-1]):
+            out.append(f"{n} ({info['chosen']:g}, the {'largest' if info['chosen'] == grid[-1] else 'smallest'})")
+    return out
+
+
+def trust_note(seeds: List[int], searched: bool, gaps: List[Dict[str, Any]],
+               lr_info: Optional[Dict[str, Dict[str, Any]]] = None) -> str:
     """What the table can and cannot say, from how it was measured."""
     parts = []
+    edges = grid_edges(lr_info)
+    if edges:
+        parts.append(f"Chosen learning rate at the edge of the grid for {', '.join(edges)}: a rate outside the "
+                     "grid may be better for it; widen --config.lr_grid to be sure.")
     if len(seeds) < 2:
         parts.append("One seed: no confidence interval. A gap smaller than the seed-to-seed spread is not a "
                      "result; rerun with --config.seeds=0,1,2 for a 95% interval.")
@@ -886,7 +902,7 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
         n_train = summaries[n].get("train_tokens")
         r["epochs"] = r["tokens"] / n_train if n_train else float("nan")
     gaps = paired_gaps(runs, names, seeds, reference)
-    note = trust_note(seeds, bool(grid), gaps)
+    note = trust_note(seeds, bool(grid), gaps, lr_info)
     title = cmp_cfg.get("title", "")
     if rows and np.isfinite(rows[0]["epochs"]):
         r0 = rows[0]
@@ -901,7 +917,14 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
     if cmp_cfg.get("scaling", None):
         from moe_jax import scaling as scaling_lib
 
-        arms = {k: list(v) for k, v in cmp_cfg.scaling.to_dict().items()}
+        all_models = set(cmp_cfg.models.to_dict())
+        arms = {}
+        for k, v in cmp_cfg.scaling.to_dict().items():
+            unknown = [m for m in v if m not in all_models]
+            if unknown:
+                raise ValueError(f"compare config: scaling.{k} lists {unknown}, which are not models of the "
+                                 f"comparison {sorted(all_models)}.")
+            arms[k] = [m for m in v if m in names]  # --config.order may run part of the study
         scaling = scaling_lib.scaling_report(scaling_lib.arm_points(rows, runs, arms, summaries), workdir)
         table += "\n" + scaling["text"]
         plots.append(scaling["plot"])

@@ -164,6 +164,8 @@ def test_lr_selection_reads_only_validation_losses(tmp_path):
     wd = str(tmp_path / "cmp")
     out = compare.run_comparison(cmp_cfg, wd, train_fn=train_fn, log=lambda *a: None)
     assert out["lr_info"]["a"]["chosen"] == 1e-3 and out["lr_info"]["b"]["chosen"] == 2e-3
+    # a's rate is the grid's smallest (its best may lie below the grid): said; b's is inside: not said
+    assert "edge of the grid for a (0.001, the smallest):" in out["note"] and "b (" not in out["note"]
     assert sorted(c for c in calls if c[2] > 0) == [("a", 1e-3, 1), ("a", 1e-3, 2), ("b", 2e-3, 1), ("b", 2e-3, 2)]
     assert len(calls) == 2 * 3 + 4  # the grid at seed 0, the chosen rate at seeds 1 and 2
     rows = {r["model"]: r for r in out["rows"]}
