@@ -47,7 +47,7 @@ def _message(fn) -> str:
 
 def cases(tmp: str):
     """``[(area, input, message)]``, each message with ``tmp`` shown as ``<tmp>``."""
-    from configs import compare_quick, switch_top1
+    from configs import compare_headline, compare_quick, switch_top1
     from moe_jax import compare, data, train
 
     out = []
@@ -79,6 +79,13 @@ def cases(tmp: str):
     out.append(("compare.py", "--only=nosuchmodel:0",
                 _message(lambda: compare.run_comparison(cmp, os.path.join(tmp, "cmp"), train_missing=False,
                                                         only=["nosuchmodel:0"], log=lambda *a: None))))
+    head = compare_headline.get_config("mini")
+    out.append(("compare.py", "--only=dense:0:3e-3 (a rate outside lr_grid)",
+                _message(lambda: compare.run_comparison(head, os.path.join(tmp, "cmp"), train_missing=False,
+                                                        only=["dense:0:3e-3"], log=lambda *a: None))))
+    head.order = ("dense", "swich_top1_e8")
+    out.append(("compare.py", "--config.order=dense,swich_top1_e8",
+                _message(lambda: compare.model_configs(head))))
     return [(a, i.replace(tmp, "<tmp>"), m.replace(tmp, "<tmp>")) for a, i, m in out]
 
 

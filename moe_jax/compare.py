@@ -66,9 +66,12 @@ def model_configs(cmp_cfg) -> Dict[str, Any]:
     order = [p.strip() for o in order for p in re.sub(r"[\[\]()'\"]", "", str(o)).split(",") if p.strip()]
     unknown = [n for n in order if n not in models]
     if unknown or len(set(order)) != len(order):
+        import difflib
+
+        hints = [f"{u!r} -> {m[0]!r}?" for u in unknown for m in [difflib.get_close_matches(u, list(models), 1)] if m]
         raise ValueError(f"compare config: order={order} must list models of {sorted(models)}, each once"
-                         + (f" ({unknown} are not models)" if unknown else "") + "; e.g. --config.order="
-                         + ",".join(sorted(models)[:2]) + ".")
+                         + (f" ({unknown} are not models" + (f"; did you mean {', '.join(hints)}" if hints else "")
+                            + ")" if unknown else "") + ".")
     out = {}
     for name in order:
         overrides = models[name]
