@@ -9,7 +9,7 @@ dense-minus-MoE gap with its 95% t-interval.
     python experiments/compare.py --config configs/compare_headline.py:mini,swiglu --workdir runs/headline_swiglu
 
 Config string ``SIZE[,swiglu]``: the model size (``configs/base.py``; '' = 'small') and SwiGLU FFNs on every
-model. Runs: 4 models x (3 rates at seed 0 + 2 more seeds at the chosen rate) = 20.
+model. Runs: 4 models x (4 rates at seed 0 + 2 more seeds at the chosen rate) = 24.
 A user corpus is one flag: ``--config.base.data.corpus=DIR --config.base.data.test_split=True``.
 """
 import os

@@ -249,7 +249,7 @@ def test_science_configs_build_valid_runs():
     for name, spec in (("scaling", None), ("scaling", "gpu"), ("headline", "mini,swiglu"), ("experts", "mini")):
         cmp_cfg = importlib.import_module(f"configs.compare_{name}").get_config(spec)
         runs = compare.model_configs(cmp_cfg)
-        assert cmp_cfg.lr_search and compare.lr_grid(cmp_cfg) == [1e-3, 2e-3, 4e-3]
+        assert cmp_cfg.lr_search and compare.lr_grid(cmp_cfg) == [1e-3, 2e-3, 4e-3, 8e-3]
         for run_name, run_cfg in runs.items():
             assert run_cfg.data.corpus == "transformers_src"
             m = train_lib.validate_config(run_cfg)
