@@ -11,7 +11,7 @@ CPU (default): D = 32, 64, 128 (F = 4D, 4 blocks, 4 heads), L=128, B=16, 1000 st
 epochs of the 13.25M training tokens: no token is seen twice), the ``mini`` size's schedule and cadence, 1 seed:
 2 arms x 3 widths x 4 rates = 24 runs. At D=128 the runs are exactly the headline's ``dense`` and
 ``switch_top1_e8`` grid runs (``configs/compare_headline.py:mini``), so ``--reuse runs/headline_mini`` copies
-those 6 instead of training them. More seeds: ``--config.seeds=0,1,2`` (the extra seeds train at the chosen
+those 8 instead of training them. More seeds: ``--config.seeds=0,1,2`` (the extra seeds train at the chosen
 rate only). 'gpu': D = 128, 256, 384, 512 (F = 4D, 6 blocks, 8 heads), L=256, B=64, 4000 steps (65.5M tokens,
 ~5 epochs).
 """
