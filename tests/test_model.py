@@ -310,7 +310,8 @@ def test_gqa_equals_mha_with_repeated_kv_heads_and_defaults_keep_the_tree():
     tokens = _tokens()
     yg, _ = jax.jit(Transformer(gqa).apply)(vg, tokens)
     ym, _ = jax.jit(Transformer(mha).apply)(vm, tokens)
-    np.testing.assert_array_equal(np.asarray(yg), np.asarray(ym))
+    # equal up to float rounding: the two programs group the same sums differently (2.4e-7 seen)
+    np.testing.assert_allclose(np.asarray(yg), np.asarray(ym), rtol=1e-5, atol=1e-6)
     c = count_model(gqa, seq_len=L)
     assert c.total_params == _n_params(vg["params"])  # q, out: 32*32 each; k, v: 32*16 each
 
