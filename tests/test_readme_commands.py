@@ -19,6 +19,7 @@ import sys
 import time
 
 import pytest
+from test_readme_corpus import _words  # deterministic pseudo-random text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,15 +129,6 @@ def _tiny_args(argv, tmp):
     if script == "bench_decode.py":
         return ["--size=tiny", "--num_new=4", "--repeats=1", "--models=switch_top1", f"--out={tmp}/bench_decode.md"]
     return []
-
-
-def _words(n, seed):
-    vocab = ["def", "self", "return", "the", "model", "expert", "(", ")", ":", "=", "x", "if", "for", "in"]
-    out, x = [], seed
-    for i in range(n):
-        x = (x * 1103515245 + 12345) % 2 ** 31
-        out.append(vocab[x % len(vocab)] + ("\n" if i % 12 == 11 else " "))
-    return "".join(out)
 
 
 def _tiny_hf_model(path):
