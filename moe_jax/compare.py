@@ -687,10 +687,9 @@ def parse_only(only: List[str], names: List[str], seeds: List[int], grid: List[f
         lr = None
         if len(parts) == 3:
             try:
-                lr = float(parts[2])
+                match = [g for g in grid if lr_tag(g) == lr_tag(float(parts[2]))]  # as the folders name them
             except ValueError:
-                lr = None
-            match = [g for g in grid if lr is not None and abs(g - lr) <= 1e-9 * max(abs(g), 1e-30)]
+                match = []
             if not grid:
                 raise ValueError(f"--only {item!r}: a learning rate is given but this comparison has no "
                                  "lr_search; write 'model:seed'.")
@@ -704,6 +703,25 @@ def parse_only(only: List[str], names: List[str], seeds: List[int], grid: List[f
     return wanted
 
 
+def run_order(names: List[str], seeds: List[int], grid: List[float], sel: List[int]):
+    """The runs of a comparison in training order, as ``(model, seed, lr, grid_run)``. Without a grid: every
+    model at every seed (``lr`` None). With one: first each model's grid at the selection seeds ``sel``
+    (``grid_run`` True), then each model at the remaining seeds, at its chosen rate (``lr`` None: known only
+    once the grid is done). ``run_comparison`` trains in this order and ``run_plan`` schedules it."""
+    if not grid:
+        for n in names:
+            for s in seeds:
+                yield n, s, None, False
+        return
+    for n in names:
+        for s in sel:
+            for lr in grid:
+                yield n, s, lr, True
+    for n in names:
+        for s in seeds[len(sel):]:
+            yield n, s, None, False
+
+
 def run_plan(cmp_cfg, workdir: str) -> List[Tuple[str, List[str]]]:
     """The runs of a comparison that have no ``summary.json`` yet, as ``[(only item, [items it waits for])]``
     in training order: each is one ``--only`` item (``'model:seed:lr'`` for a grid run, ``'model:seed'``
@@ -713,21 +731,19 @@ def run_plan(cmp_cfg, workdir: str) -> List[Tuple[str, List[str]]]:
     names = list(model_configs(cmp_cfg))
     seeds = comparison_seeds(cmp_cfg)
     grid = lr_grid(cmp_cfg)
+    sel = select_seeds(cmp_cfg, seeds) if grid else []
     done = lambda *parts: os.path.exists(os.path.join(workdir, *parts, "summary.json"))
     plan = []
-    if not grid:
-        return [(f"{n}:{s}", []) for n in names for s in seeds if not done(n, f"seed{s}")]
-    sel = select_seeds(cmp_cfg, seeds)
-    for n in names:
-        for s in sel:
-            for lr in grid:
-                if not done(n, lr_tag(lr), f"seed{s}"):
-                    plan.append((f"{n}:{s}:{lr:g}", []))
-    for n in names:
-        waits = [f"{n}:{s}:{lr:g}" for s in sel for lr in grid if not done(n, lr_tag(lr), f"seed{s}")]
-        for s in seeds[len(sel):]:
-            if not any(done(n, lr_tag(lr), f"seed{s}") for lr in grid):
-                plan.append((f"{n}:{s}", waits))
+    for n, s, lr, grid_run in run_order(names, seeds, grid, sel):
+        if not grid:
+            if not done(n, f"seed{s}"):
+                plan.append((f"{n}:{s}", []))
+        elif grid_run:
+            if not done(n, lr_tag(lr), f"seed{s}"):
+                plan.append((f"{n}:{s}:{lr:g}", []))
+        elif not any(done(n, lr_tag(g), f"seed{s}") for g in grid):
+            waits = [f"{n}:{t}:{g:g}" for t in sel for g in grid if not done(n, lr_tag(g), f"seed{t}")]
+            plan.append((f"{n}:{s}", waits))
     return plan
 
 
@@ -863,28 +879,19 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
         return train_missing and (wanted is None or (name, seed, None) in wanted or (name, seed, lr) in wanted)
     args = dict(names=names, workdir=workdir, reuse_dirs=reuse_dirs, train_fn=train_fn, log=log)
     lr_info = None
+    for name, seed, lr, grid_run in run_order(names, seeds, grid, sel):
+        if grid and not grid_run:  # a remaining seed: the chosen rate, once the grid is done
+            lr_info = lr_info or lr_search_table(workdir, names, grid, sel)
+            lr = lr_info[name]["chosen"]
+        if not todo(name, seed, lr):
+            continue
+        if grid and lr is None:
+            raise ValueError(f"compare: {name} seed {seed} needs {name}'s chosen learning rate, but its "
+                             f"grid runs at seeds {sel} are not all finished; train those first.")
+        run_dir = os.path.join(workdir, name, *([lr_tag(lr)] if grid else []), f"seed{seed}")
+        _train_one(name, configs[name], seed, run_dir, lr=lr, **args)
     if grid:
-        for name, cfg in configs.items():  # phase 1: the grid at the selection seeds
-            for seed in sel:
-                for lr in grid:
-                    if todo(name, seed, lr):
-                        _train_one(name, cfg, seed, os.path.join(workdir, name, lr_tag(lr), f"seed{seed}"), lr=lr,
-                                   **args)
         lr_info = lr_search_table(workdir, names, grid, sel)
-        for name, cfg in configs.items():  # phase 2: the chosen rate at the other seeds
-            for seed in seeds[len(sel):]:
-                lr = lr_info[name]["chosen"]
-                if not todo(name, seed, lr):
-                    continue
-                if lr is None:
-                    raise ValueError(f"compare: {name} seed {seed} needs {name}'s chosen learning rate, but its "
-                                     f"grid runs at seeds {sel} are not all finished; train those first.")
-                _train_one(name, cfg, seed, os.path.join(workdir, name, lr_tag(lr), f"seed{seed}"), lr=lr, **args)
-    else:
-        for name, cfg in configs.items():
-            for seed in seeds:
-                if todo(name, seed):
-                    _train_one(name, cfg, seed, os.path.join(workdir, name, f"seed{seed}"), **args)
     if wanted is not None:
         return {"rows": [], "table": "", "plots": []}
     if grid:

@@ -298,6 +298,8 @@ def test_only_items_pick_single_grid_runs(tmp_path):
     assert sorted(calls) == [("a", 1e-3, 0), ("a", 2e-3, 0), ("b", 2e-3, 0)] and out["table"] == ""
     names, seeds, grid = ["a", "b"], [0, 1], [1e-3, 2e-3]
     assert compare.parse_only(["a:1", "b:0:0.001"], names, seeds, grid, [0]) == {("a", 1, None), ("b", 0, 1e-3)}
+    # a rate matches as its run folder names it: 0.0010 and 1e-3 are both lr0.001
+    assert compare.parse_only(["b:0:0.0010", "a:0:1e-3"], names, seeds, grid, [0]) == {("b", 0, 1e-3), ("a", 0, 1e-3)}
     for bad, match in [("a:0:3e-3", "not a rate of lr_grid"), ("a:1:1e-3", "not a selection seed"),
                        ("c:0", "expected 'model:seed' or 'model:seed:lr'"), ("a:0:1e-3:x", "expected"),
                        ("a:5", "seed in"), ("a:0:fast", "not a rate")]:
@@ -319,6 +321,19 @@ def test_run_plan_lists_missing_runs_with_their_waits(tmp_path):
                     ("b:1", ["b:0:0.001", "b:0:0.002"]), ("b:2", ["b:0:0.001", "b:0:0.002"])]
     plain = _science_cfg({"a": {}, "b": {}}, seeds=(0, 1))
     assert compare.run_plan(plain, str(tmp_path / "p")) == [("a:0", []), ("a:1", []), ("b:0", []), ("b:1", [])]
+
+
+def test_run_comparison_trains_in_run_plan_order(tmp_path):
+    # One walk (compare.run_order) drives both: the order run_comparison trains in is the order --jobs schedules.
+    # Validation prefers 2e-3 for a and 1e-3 for b, so a's seed 1 trains at 2e-3 and b's at 1e-3.
+    cmp_cfg = _science_cfg({"a": {}, "b": {}}, seeds=(0, 1), lr_search=True, lr_grid=(1e-3, 2e-3))
+    wd = str(tmp_path / "cmp")
+    items = [item for item, _ in compare.run_plan(cmp_cfg, wd)]
+    assert items == ["a:0:0.001", "a:0:0.002", "b:0:0.001", "b:0:0.002", "a:1", "b:1"]
+    train_fn, calls = _fake_train(lambda m, lr, s: ((3.0 if (m == "a") == (lr == 2e-3) else 3.5), 3.0))
+    compare.run_comparison(cmp_cfg, wd, train_fn=train_fn, log=lambda *a: None)
+    assert calls == [("a", 1e-3, 0), ("a", 2e-3, 0), ("b", 1e-3, 0), ("b", 2e-3, 0), ("a", 2e-3, 1), ("b", 1e-3, 1)]
+    assert compare.run_plan(cmp_cfg, wd) == []  # all done: nothing left to schedule
 
 
 def test_parallel_runs_respect_waits_and_report_a_failure(tmp_path, monkeypatch):
