@@ -2,7 +2,10 @@
 active FLOPs per token: K=1 routers use experts of the dense FFN's width F, K=2 routers (and the dynamic-k ones,
 capped at K_max=2) experts of width F/2. The table's experts/token column says what dynamic-k routers spend.
 
-    python experiments/compare.py --config configs/compare_routers.py --workdir runs/routers
+Under the science protocol (``configs/compare_base.py``): ``transformers_src``, each model at its rate of
+``STUDY_GRID`` chosen on validation, test-split losses, 3 seeds, the paired gap to ``dense`` with its 95% CI.
+
+    python experiments/compare.py --config configs/compare_routers.py:mini --workdir runs/routers_mini --jobs 2
 
 Non-causal routers (expert_choice, base, sinkhorn, soft_moe, batch_prioritized) see the future in a decoder
 and are left out (see docs/routers.md).
@@ -11,11 +14,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import base, compare_base  # noqa: E402
+from configs import compare_base  # noqa: E402
 
 
 def get_config(size=None):
-    cfg = base.make_config(size)
+    cfg = compare_base.science_config(size)
     f = cfg.model.d_ff
     # The K=1 rows are exactly the Switch model of the other studies (compare_base.SWITCH), the K=2 rows fill
     # capacity token by token (slot_order, as compare_base.TOP2), which matters only when K > 1.
@@ -37,5 +40,6 @@ def get_config(size=None):
     for name, r in routers.items():
         slots = dict(slot_order="token_major") if r["k"] > 1 else {}
         models[name] = compare_base.moe_model(dict(common, **slots, **r))
-    return compare_base.make(cfg, models, seeds=(0,), title="Causal routers at equal active FLOPs (E=8)",
-                             results_dir="docs/results/routers", size=size)
+    return compare_base.make(cfg, models, seeds=(0, 1, 2), title="Causal routers at equal active FLOPs (E=8)",
+                             results_dir="docs/results/routers", size=size, lr_search=True,
+                             lr_grid=compare_base.STUDY_GRID)
