@@ -399,3 +399,25 @@ def test_scaling_cpu_widest_runs_are_the_headline_runs():
     assert key(scal["dense_d128"]) == key(head["dense"])
     assert key(scal["moe_d128"]) == key(head["switch_top1_e8"])
     assert key(scal["moe_d64"]) != key(head["switch_top1_e8"])
+
+
+def test_variant_studies_share_runs_with_the_headline():
+    # The variant studies follow the protocol and share models, so --reuse trains each shared model once (the
+    # commands in docs/results/README.md rely on it): dense = the headline's dense; capped Switch E=8 = the
+    # headline's Switch; dropless Switch E=8 in the capacity and the expert-count study.
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import compare_balance, compare_capacity, compare_experts, compare_headline, compare_routers
+
+    studies = {m.__name__.split("_")[-1]: m.get_config("mini") for m in
+               (compare_balance, compare_capacity, compare_experts, compare_routers)}
+    for name, cfg in studies.items():
+        assert cfg.lr_search and len(cfg.seeds) >= 3 and cfg.base.data.corpus == "transformers_src", name
+    key = lambda c: compare._run_key(json.loads(c.to_json_best_effort()))
+    head = compare.model_configs(compare_headline.get_config("mini"))
+    m = {n: compare.model_configs(c) for n, c in studies.items()}
+    assert key(m["experts"]["e1_dense"]) == key(m["routers"]["dense"]) == key(head["dense"])
+    assert (key(m["capacity"]["cf1_25"]) == key(m["balance"]["lb_on_z_on"]) == key(m["routers"]["switch"])
+            == key(head["switch_top1_e8"]))
+    assert key(m["experts"]["e8"]) == key(m["capacity"]["dropless"]) != key(head["switch_top1_e8"])
