@@ -246,10 +246,14 @@ def test_science_configs_build_valid_runs():
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from moe_jax import train as train_lib
 
-    for name, spec in (("scaling", None), ("scaling", "gpu"), ("headline", "mini,swiglu"), ("experts", "mini")):
+    full, variants = [1e-3, 2e-3, 4e-3, 8e-3], [2e-3, 4e-3, 8e-3]  # LR_GRID; STUDY_GRID (the MoE-variant studies)
+    for name, spec, grid in (("scaling", None, full), ("scaling", "gpu", full), ("headline", "mini,swiglu", full),
+                             ("experts", "mini", variants), ("capacity", "mini", variants),
+                             ("balance", "mini", variants), ("routers", "mini", variants)):
         cmp_cfg = importlib.import_module(f"configs.compare_{name}").get_config(spec)
         runs = compare.model_configs(cmp_cfg)
-        assert cmp_cfg.lr_search and compare.lr_grid(cmp_cfg) == [1e-3, 2e-3, 4e-3, 8e-3]
+        assert cmp_cfg.lr_search and compare.lr_grid(cmp_cfg) == grid, name
+        assert name == "scaling" or len(cmp_cfg.seeds) >= 3, name
         for run_name, run_cfg in runs.items():
             assert run_cfg.data.corpus == "transformers_src"
             m = train_lib.validate_config(run_cfg)
@@ -402,7 +406,7 @@ def test_scaling_cpu_widest_runs_are_the_headline_runs():
 
 
 def test_variant_studies_share_runs_with_the_headline():
-    # The variant studies follow the protocol and share models, so --reuse trains each shared model once (the
+    # The variant studies share models, so --reuse trains each shared model once (the
     # commands in docs/results/README.md rely on it): dense = the headline's dense; capped Switch E=8 = the
     # headline's Switch; dropless Switch E=8 in the capacity and the expert-count study.
     import sys
@@ -412,8 +416,6 @@ def test_variant_studies_share_runs_with_the_headline():
 
     studies = {m.__name__.split("_")[-1]: m.get_config("mini") for m in
                (compare_balance, compare_capacity, compare_experts, compare_routers)}
-    for name, cfg in studies.items():
-        assert cfg.lr_search and len(cfg.seeds) >= 3 and cfg.base.data.corpus == "transformers_src", name
     key = lambda c: compare._run_key(json.loads(c.to_json_best_effort()))
     head = compare.model_configs(compare_headline.get_config("mini"))
     m = {n: compare.model_configs(c) for n, c in studies.items()}
