@@ -646,12 +646,18 @@ def _run_key(config_dict: Dict[str, Any]) -> Dict[str, Any]:
     return d
 
 
+def run_key(run_cfg) -> Dict[str, Any]:
+    """``_run_key`` of a run's ConfigDict: two runs with equal keys train the same model on the same data (what
+    ``--reuse`` copies by)."""
+    return _run_key(json.loads(run_cfg.to_json_best_effort()))
+
+
 def find_same_run(run_cfg, reuse_dirs: List[str], seed: int) -> Optional[str]:
     """A finished run (``<dir>/<any model>/seed<seed>`` or ``<dir>/<any model>/lr<rate>/seed<seed>``, with
     ``summary.json``) in one of ``reuse_dirs`` whose
     ``config.json`` holds exactly ``run_cfg`` (up to ``data.cache_dir``), or None. Studies share models (the
     Switch E=8 model is in four of them); with this, each is trained once."""
-    want = _run_key(json.loads(run_cfg.to_json_best_effort()))
+    want = run_key(run_cfg)
     for root in reuse_dirs:
         cands = []
         for name in sorted(os.listdir(root)):
@@ -881,7 +887,7 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
     lr_info = None
     for name, seed, lr, grid_run in run_order(names, seeds, grid, sel):
         if grid and not grid_run:  # a remaining seed: the chosen rate, once the grid is done
-            lr_info = lr_info or lr_search_table(workdir, names, grid, sel)
+            lr_info = lr_info or lr_search_table(workdir, names, grid, sel)  # read once, after the grid
             lr = lr_info[name]["chosen"]
         if not todo(name, seed, lr):
             continue
@@ -890,8 +896,8 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
                              f"grid runs at seeds {sel} are not all finished; train those first.")
         run_dir = os.path.join(workdir, name, *([lr_tag(lr)] if grid else []), f"seed{seed}")
         _train_one(name, configs[name], seed, run_dir, lr=lr, **args)
-    if grid:
-        lr_info = lr_search_table(workdir, names, grid, sel)
+    if grid:  # the grid runs are all before the first chosen-rate run, so a table read then still holds
+        lr_info = lr_info or lr_search_table(workdir, names, grid, sel)
     if wanted is not None:
         return {"rows": [], "table": "", "plots": []}
     if grid:

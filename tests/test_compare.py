@@ -399,7 +399,7 @@ def test_scaling_cpu_widest_runs_are_the_headline_runs():
 
     head = compare.model_configs(compare_headline.get_config("mini"))
     scal = compare.model_configs(compare_scaling.get_config())
-    key = lambda c: compare._run_key(json.loads(c.to_json_best_effort()))
+    key = compare.run_key
     assert key(scal["dense_d128"]) == key(head["dense"])
     assert key(scal["moe_d128"]) == key(head["switch_top1_e8"])
     assert key(scal["moe_d64"]) != key(head["switch_top1_e8"])
@@ -416,7 +416,7 @@ def test_variant_studies_share_runs_with_the_headline():
 
     studies = {m.__name__.split("_")[-1]: m.get_config("mini") for m in
                (compare_balance, compare_capacity, compare_experts, compare_routers)}
-    key = lambda c: compare._run_key(json.loads(c.to_json_best_effort()))
+    key = compare.run_key
     head = compare.model_configs(compare_headline.get_config("mini"))
     m = {n: compare.model_configs(c) for n, c in studies.items()}
     assert key(m["experts"]["e1_dense"]) == key(m["routers"]["dense"]) == key(head["dense"])
