@@ -62,9 +62,7 @@ def main(argv):
     if _ONLY.value:
         return
     print()
-    print(out["table"])
-    if out.get("note"):
-        print(f"trust: {out['note']}")
+    print(out["table"])  # ends with the trust line: how far these numbers can be trusted
     for path in out["plots"]:
         print(f"plot: {path}")
 

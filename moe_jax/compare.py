@@ -33,6 +33,10 @@ import math
 import os
 import re
 import shutil
+import signal
+import subprocess
+import threading
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -512,7 +516,7 @@ def write_table(rows: List[Dict[str, Any]], workdir: str, title: str = "",
             chosen = f"{info['chosen']:g}" if info["chosen"] is not None else "n/a"
             lines.append(f"| {n} | {chosen} | " + " | ".join(cells) + " |")
     if note:
-        lines += ["", note]
+        lines += ["", f"trust: {note}"]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(text)
@@ -774,15 +778,43 @@ def run_parallel(cmp_cfg, workdir: str, jobs: int, command, log=print) -> None:
     """Train the missing runs of a comparison ``jobs`` at a time (``run_plan``): ``command(item)`` is the
     argv of the process that trains ``--only`` item (``child_command``); each process is pinned to one CPU
     core where the OS allows and logs to ``<workdir>/logs/<item>.log``. A failed run stops new starts and,
-    once the running ones end, raises with the path of its log."""
-    import subprocess
-    import time
+    once the running ones end, raises with the path of its log. Interrupted (Ctrl-C, or SIGTERM as ``kill``
+    sends it), it stops its running runs before it exits, so none is left training unseen; each resumes from
+    its last checkpoint when the same command runs again."""
+    running: Dict[str, Any] = {}
 
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if main_thread else None
+    try:
+        _schedule(cmp_cfg, workdir, jobs, command, log, running)
+    except BaseException:
+        live = {item: (proc, path) for item, (_, proc, path, _) in running.items() if proc.poll() is None}
+        for proc, _ in live.values():
+            proc.terminate()
+        for item, (proc, path) in live.items():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log(f"[compare] stopped {item} (its log: {path}); the same command resumes it")
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _schedule(cmp_cfg, workdir, jobs, command, log, running) -> None:
+    """The loop of ``run_parallel``; ``running`` (item -> (slot, process, log, start)) is the caller's, so
+    that it can stop the processes it holds."""
     plan = run_plan(cmp_cfg, workdir)
     logs = os.path.join(os.path.abspath(workdir), "logs")
     os.makedirs(logs, exist_ok=True)
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    finished, running, failed = set(), {}, []
+    finished, failed = set(), []
     pending = list(plan)
     log(f"[compare] {len(plan)} runs to train, {jobs} at a time; logs in {logs}")
     while pending or running:

@@ -362,6 +362,54 @@ def test_parallel_runs_respect_waits_and_report_a_failure(tmp_path, monkeypatch)
         "py", "s.py", "--config", "c.py", "--workdir=w", "--config.seeds=0,1", "--only=a:0"]
 
 
+def test_stopping_parallel_runs_stops_their_processes(tmp_path):
+    # `kill` of a `compare.py --jobs 2` parent must not leave its runs training unseen: the parent (here a
+    # small script around run_parallel) gets SIGTERM once both children wrote their pids, and after it exits
+    # no child is alive. Without the handler the children (60 s sleeps) outlive it, re-parented.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    child = "import os, sys, time; open(os.path.join(sys.argv[1], str(os.getpid())), 'w').close(); time.sleep(60)"
+    parent = f"""
+import sys
+sys.path.insert(0, {root!r})
+from configs import base, compare_base
+from moe_jax import compare
+cfg = compare_base.make(base.make_config("tiny", train=dict(steps=10)), {{"a": {{}}, "b": {{}}}}, seeds=(0,))
+compare.run_parallel(cfg, {str(tmp_path / "cmp")!r}, jobs=2, log=print,
+                     command=lambda item: [sys.executable, "-c", {child!r}, {str(pids)!r}])
+"""
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    started = []
+    try:
+        deadline = time.time() + 120
+        while len(started) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            started = [int(p) for p in os.listdir(pids)]
+        assert len(started) == 2, proc.communicate()[0] if proc.poll() is not None else "children never started"
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+        assert proc.returncode != 0
+        assert out.count("the same command resumes it") == 2, out
+        for pid in started:
+            with pytest.raises(ProcessLookupError):  # gone: stopped and reaped by the parent
+                os.kill(pid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_order_runs_part_of_a_study():
     cmp_cfg = _science_cfg({"a": {}, "b": {}, "c": {}}, seeds=(0,))
     assert list(compare.model_configs(cmp_cfg)) == ["a", "b", "c"]
