@@ -7,7 +7,9 @@
 Every model of a comparison sees the same data order (same seeds). Rerunning the same command skips the runs
 that finished and resumes the one that was interrupted. Writes ``results.md``, ``results.csv`` and PNG plots
 into ``--workdir`` only; ``--publish`` also copies them into the config's ``results_dir`` (a folder of the
-checkout, e.g. ``docs/results/headline``). Override fields with ``--config.base.train.steps=100``,
+checkout, e.g. ``docs/results/headline``), with every run's record (config, summary, gzipped metrics) in its
+``runs/``; ``--reuse docs/results/headline`` then copies those runs into a new study instead of training them
+again. Override fields with ``--config.base.train.steps=100``,
 ``--config.seeds=0,1,2`` (or ``--config.seeds='[0,1,2]'``) and ``--config.lr_grid=1e-3,2e-3,4e-3``.
 Prints the table, the paired gap against the first model (95% t-interval over seeds) and what the run can
 be trusted for.
@@ -29,10 +31,12 @@ _ONLY = flags.DEFINE_list("only", None, "Train only these runs ('model:seed,...'
                           "'model:seed:lr', one rate of the grid) and write no table: to run the runs of one "
                           "comparison side by side in separate processes.")
 _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "Train nothing; tabulate and plot the runs that exist.")
-_REUSE = flags.DEFINE_list("reuse", None, "Workdirs of other comparisons: a run of this one whose exact config "
-                           "finished there is copied instead of trained (studies share models).")
+_REUSE = flags.DEFINE_list("reuse", None, "Workdirs of other comparisons, or published studies "
+                           "(docs/results/<study>, whose runs/ holds their run records): a run of this one whose "
+                           "exact config finished there is copied instead of trained (studies share models).")
 _PUBLISH = flags.DEFINE_bool("publish", False, "Also copy the table and plots into the config's results_dir "
-                             "(a checkout folder such as docs/results/headline); off: only --workdir is written.")
+                             "(a checkout folder such as docs/results/headline), with the record of every run "
+                             "in its runs/ (config, summary, gzipped metrics); off: only --workdir is written.")
 _JOBS = flags.DEFINE_integer("jobs", 1, "Train this many runs at once, each in its own process pinned to one "
                              "CPU core (where the OS allows), logging to <workdir>/logs/; then write the table. "
                              "With lr_search, a seed at the chosen rate starts once its model's grid is done.")

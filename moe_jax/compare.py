@@ -14,7 +14,9 @@ A comparison config (``configs/compare_*.py``) holds:
   choice never reads;
 * ``gap_reference``: the model the paired gaps are taken against (default: the first model);
 * ``results_dir``: optional folder (e.g. ``docs/results/headline``) that receives a copy of the table and
-  plots, only when asked (``publish=True``, ``experiments/compare.py --publish``).
+  plots, only when asked (``publish=True``, ``experiments/compare.py --publish``), and in ``runs/`` the record
+  of every run the table reads (``write_records``: config, summary, gzipped metrics; no checkpoints), which
+  ``--reuse <results_dir>/runs`` copies instead of training again.
 
 Each run lives in ``workdir/<model>/seed<k>`` (with ``lr_search``: ``workdir/<model>/lr<lr>/seed<k>``); a run
 whose ``summary.json`` exists is not retrained (and a killed run resumes from its checkpoint), so rerunning the
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import gzip
 import json
 import math
 import os
@@ -192,10 +195,15 @@ def lr_search_table(workdir: str, names: List[str], grid: List[float], sel: List
 
 
 def read_jsonl(path: str) -> List[Dict[str, Any]]:
+    """The JSON lines of ``path``, or of ``path + '.gz'`` where only that exists (a published run record)."""
     if not os.path.exists(path):
-        return []
+        if not os.path.exists(path + ".gz"):
+            return []
+        opener = lambda: gzip.open(path + ".gz", "rt")
+    else:
+        opener = lambda: open(path)
     rows = []
-    with open(path) as f:
+    with opener() as f:
         for line in f:
             line = line.strip()
             if line:
@@ -629,6 +637,38 @@ def plot(workdir: str, names: List[str], seeds: List[int],
     return paths
 
 
+RECORD_FILES = ("config.json", "summary.json")
+
+
+def write_records(workdir: str, run_list: List[str], dest: str) -> None:
+    """Copy the record of each run of ``run_list`` (folders under ``workdir``) to the same relative path under
+    ``dest``: ``config.json``, ``summary.json`` and ``metrics.jsonl`` as ``metrics.jsonl.gz`` (about 20 kB a
+    run; no checkpoints, TensorBoard events or samples). That is what the table, the plots and ``--reuse``
+    read, so a published study can be re-tabulated, re-analysed or extended on another machine. ``dest`` is
+    replaced as a whole (written beside it, then swapped in), so it never mixes records of two versions."""
+    tmp, old = dest + ".writing", dest + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for run_dir in run_list:
+        out = os.path.join(tmp, os.path.relpath(run_dir, workdir))
+        os.makedirs(out, exist_ok=True)
+        for name in RECORD_FILES:
+            if os.path.exists(os.path.join(run_dir, name)):
+                shutil.copy(os.path.join(run_dir, name), out)
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        if os.path.exists(metrics):
+            with open(metrics, "rb") as src, open(os.path.join(out, "metrics.jsonl.gz"), "wb") as raw:
+                with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:  # mtime=0: same run, same bytes
+                    shutil.copyfileobj(src, gz)
+        elif os.path.exists(metrics + ".gz"):  # a run copied from a record
+            shutil.copy(metrics + ".gz", out)
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(dest):
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def resolve_init_ref(run_cfg, name: str, names: List[str], workdir: str, seed: int) -> None:
     """``init.from_dir='@other'`` -> ``workdir/other/seed<seed>``: start from another run of this comparison (same
     seed; it must come earlier in ``order``, so it is trained first). Used by the upcycling study."""
@@ -658,11 +698,13 @@ def run_key(run_cfg) -> Dict[str, Any]:
 
 def find_same_run(run_cfg, reuse_dirs: List[str], seed: int) -> Optional[str]:
     """A finished run (``<dir>/<any model>/seed<seed>`` or ``<dir>/<any model>/lr<rate>/seed<seed>``, with
-    ``summary.json``) in one of ``reuse_dirs`` whose
+    ``summary.json``) in one of ``reuse_dirs`` (or in its ``runs/``, the records of a published study) whose
     ``config.json`` holds exactly ``run_cfg`` (up to ``data.cache_dir``), or None. Studies share models (the
     Switch E=8 model is in four of them); with this, each is trained once."""
     want = run_key(run_cfg)
-    for root in reuse_dirs:
+    # a published study (``<results_dir>``) keeps its run records in ``runs/`` (``write_records``)
+    roots = [r for root in reuse_dirs for r in (root, os.path.join(root, "runs")) if os.path.isdir(r)]
+    for root in roots:
         cands = []
         for name in sorted(os.listdir(root)):
             cands.append(os.path.join(root, name, f"seed{seed}"))
@@ -981,5 +1023,10 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
         os.makedirs(results_dir, exist_ok=True)
         for path in [p for p in written if os.path.exists(p)] + plots:
             shutil.copy(path, results_dir)
+        grid_runs = [os.path.join(workdir, n, lr_tag(g), f"seed{t}") for n in names for g in grid for t in sel]
+        table_runs = [d for n in names for d in runs[n].values()]
+        write_records(workdir, sorted({d for d in grid_runs + table_runs
+                                       if os.path.exists(os.path.join(d, "summary.json"))}),
+                      os.path.join(results_dir, "runs"))
     return {"rows": rows, "table": table, "plots": plots, "gaps": gaps, "lr_info": lr_info, "note": note,
             "scaling": scaling}

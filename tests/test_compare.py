@@ -471,3 +471,41 @@ def test_variant_studies_share_runs_with_the_headline():
     assert (key(m["capacity"]["cf1_25"]) == key(m["balance"]["lb_on_z_on"]) == key(m["routers"]["switch"])
             == key(head["switch_top1_e8"]))
     assert key(m["experts"]["e8"]) == key(m["capacity"]["dropless"]) != key(head["switch_top1_e8"])
+
+
+def test_published_run_records_retabulate_and_are_reused_elsewhere(tmp_path, monkeypatch):
+    # --publish writes each run's record (config, summary, gzipped metrics) into <results_dir>/runs; a new
+    # workdir that reuses the published study trains nothing and prints the same table (same losses, same gap).
+    monkeypatch.chdir(tmp_path)
+    # a and b differ in config (as the models of a study do): --reuse matches runs by their config
+    cmp_cfg = _science_cfg({"a": {"train": {"weight_decay": 0.0}}, "b": {}}, seeds=(0, 1), lr_search=True,
+                           lr_grid=(1e-3, 2e-3), results_dir="pub")
+    fake, calls = _fake_train(lambda m, lr, s: ((3.0 if lr == 1e-3 else 3.1) + (0.2 if m == "a" else 0.0),
+                                                 2.5 + (0.2 if m == "a" else 0.0) + 0.01 * s))
+
+    def train_fn(run_cfg, run_dir):  # what moe_jax.train writes too: config.json, read by --reuse
+        fake(run_cfg, run_dir)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump({"config": json.loads(run_cfg.to_json_best_effort())}, f)
+        os.makedirs(os.path.join(run_dir, "checkpoints", "10"))  # not part of a record
+
+    first = compare.run_comparison(cmp_cfg, str(tmp_path / "wd"), train_fn=train_fn, log=lambda *a: None,
+                                   publish=True)
+    assert len(calls) == 2 * 2 + 2  # grid (2 rates) at seed 0 for a and b, then seed 1 at the chosen rate
+    records = sorted(os.path.relpath(r, tmp_path / "pub" / "runs")
+                     for r, _, files in os.walk(tmp_path / "pub" / "runs") if "summary.json" in files)
+    assert records == [os.path.join(m, lr, f"seed{s}") for m in ("a", "b")
+                       for lr, s in (("lr0.001", 0), ("lr0.001", 1), ("lr0.002", 0))]
+    rec = tmp_path / "pub" / "runs" / "b" / "lr0.001" / "seed1"
+    assert sorted(os.listdir(rec)) == ["config.json", "metrics.jsonl.gz", "summary.json"]
+    assert compare.curves(str(rec))["val_loss"].tolist() == [3.0]  # read through the .gz
+    again = compare.run_comparison(cmp_cfg, str(tmp_path / "wd2"), train_fn=train_fn, log=lambda *a: None,
+                                   reuse=[str(tmp_path / "pub")])
+    assert len(calls) == 6  # every run came from a record
+    assert first["gaps"][0]["gaps"] == pytest.approx({0: 0.2, 1: 0.2})  # a - b: (2.7 + 0.01 s) - (2.5 + 0.01 s)
+    assert again["gaps"][0]["gaps"] == pytest.approx(first["gaps"][0]["gaps"])
+    assert [r["test_loss"] for r in again["rows"]] == pytest.approx([r["test_loss"] for r in first["rows"]])
+    # republishing replaces the records as a whole: a model left out of the study leaves none behind
+    cmp_cfg.order = ("b",)
+    compare.run_comparison(cmp_cfg, str(tmp_path / "wd"), train_fn=train_fn, log=lambda *a: None, publish=True)
+    assert sorted(os.listdir(tmp_path / "pub" / "runs")) == ["b"]
