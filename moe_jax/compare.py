@@ -197,13 +197,11 @@ def lr_search_table(workdir: str, names: List[str], grid: List[float], sel: List
 def read_jsonl(path: str) -> List[Dict[str, Any]]:
     """The JSON lines of ``path``, or of ``path + '.gz'`` where only that exists (a published run record)."""
     if not os.path.exists(path):
-        if not os.path.exists(path + ".gz"):
+        path += ".gz"
+        if not os.path.exists(path):
             return []
-        opener = lambda: gzip.open(path + ".gz", "rt")
-    else:
-        opener = lambda: open(path)
     rows = []
-    with opener() as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
         for line in f:
             line = line.strip()
             if line:
