@@ -1,9 +1,10 @@
 """The README's commands in the order written.
 
 * Static: every config file they name exists (with its size), and every folder a command reads (--from,
-  --reuse) is the --workdir of an earlier command.
+  --reuse) is the --workdir of an earlier command, or (--reuse) a study published in the checkout (a
+  ``docs/results/<study>/`` folder with its ``runs/`` records).
 * Run: every ``python ...`` command of the README's ``bash`` blocks, in order, in a fresh folder that holds
-  the checkout's ``experiments/``, ``configs/`` and ``moe_jax/`` (links), a small corpus (``my_texts/``,
+  the checkout's ``experiments/``, ``configs/``, ``moe_jax/`` and ``docs/`` (links), a small corpus (``my_texts/``,
   ``my_text.txt``) and a tiny transformers model for ``path/to/hf_model_dir``, each with tiny overrides
   appended (a 2-layer D=32 model, 2 steps, byte tokens, one seed, one learning rate, two models of a study).
   The installs and the test command itself are skipped. A README change that breaks a command, its order or
@@ -62,7 +63,9 @@ def test_readme_commands_name_existing_configs_and_earlier_workdirs():
             spec.loader.exec_module(module)
             module.get_config(size or None)  # the size exists
         for needed in filter(None, [_flag(argv, "from"), _flag(argv, "reuse")]):
-            assert needed in made, f"{' '.join(argv)} reads {needed}, which no earlier README command creates"
+            published = needed == _flag(argv, "reuse") and os.path.isdir(os.path.join(ROOT, needed, "runs"))
+            assert needed in made or published, (f"{' '.join(argv)} reads {needed}, which no earlier README command "
+                                                 "creates and which is no published study with runs/ records")
         if _flag(argv, "workdir"):
             made.add(_flag(argv, "workdir"))
 
@@ -146,7 +149,7 @@ def test_readme_commands_run_in_order(tmp_path):
     scripts = [os.path.basename(argv[1]) for _, argv in commands]
     assert scripts[0] == "compare.py" and {"train.py", "sample.py", "evaluate.py", "upcycle.py", "convert.py",
                                             "bench_decode.py", "bench_layer.py"} <= set(scripts)
-    for name in ("experiments", "configs", "moe_jax"):
+    for name in ("experiments", "configs", "moe_jax", "docs"):  # docs/: published studies for --reuse
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
     (tmp_path / "my_texts").mkdir()
     for i in range(10):  # 10 files: train / validation / test splits of whole files
