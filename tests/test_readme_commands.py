@@ -62,10 +62,10 @@ def test_readme_commands_name_existing_configs_and_earlier_workdirs():
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             module.get_config(size or None)  # the size exists
-        for needed in filter(None, [_flag(argv, "from"), _flag(argv, "reuse")]):
-            published = needed == _flag(argv, "reuse") and os.path.isdir(os.path.join(ROOT, needed, "runs"))
-            assert needed in made or published, (f"{' '.join(argv)} reads {needed}, which no earlier README command "
-                                                 "creates and which is no published study with runs/ records")
+        source, reuse = _flag(argv, "from"), _flag(argv, "reuse")
+        assert source is None or source in made, f"{' '.join(argv)} reads {source}, which no earlier command creates"
+        assert reuse is None or reuse in made or os.path.isdir(os.path.join(ROOT, reuse, "runs")), (
+            f"{' '.join(argv)} reuses {reuse}, neither an earlier command's workdir nor a published study with runs/")
         if _flag(argv, "workdir"):
             made.add(_flag(argv, "workdir"))
 
