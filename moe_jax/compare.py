@@ -1013,7 +1013,11 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
                 raise ValueError(f"compare config: scaling.{k} lists {unknown}, which are not models of the "
                                  f"comparison {sorted(all_models)}.")
             arms[k] = [m for m in v if m in names]  # --config.order may run part of the study
-        scaling = scaling_lib.scaling_report(scaling_lib.arm_points(rows, runs, arms, summaries), workdir)
+        dense_arm = "dense"
+        pairs = {k: [paired_gaps(runs, [d, m], seeds, d)[0] for d, m in zip(arms[dense_arm], v)]
+                 for k, v in arms.items() if k != dense_arm and dense_arm in arms and len(v) == len(arms[dense_arm])}
+        scaling = scaling_lib.scaling_report(scaling_lib.arm_points(rows, runs, arms, summaries), workdir,
+                                             dense_arm=dense_arm, pairs=pairs)
         table += "\n" + scaling["text"]
         plots.append(scaling["plot"])
         written += [os.path.join(workdir, "scaling.md"), os.path.join(workdir, "scaling.csv")]

@@ -11,13 +11,16 @@ table, ``scaling.md``, ``scaling.csv`` and ``scaling.png`` in its workdir:
 * the loss: the mean over seeds of the test loss (validation loss if the corpus has no test split);
 * per arm, ``L(N) = a * N**-alpha + c`` fitted by least squares (``stats.fit_power_law``; >= 3 sizes);
 * per MoE size, ``dense_equivalent(L_moe) / N_moe`` against the dense arm's fit (``inf``: the MoE is below
-  the dense curve's asymptote ``c``; a multiplier outside the measured dense sizes is an extrapolation).
+  the dense curve's asymptote ``c``; a multiplier outside the measured dense sizes is an extrapolation);
+* per MoE size, the paired gap ``loss[dense at that size, s] - loss[MoE, s]`` per seed ``s`` and its 95%
+  t-interval over seeds (``pairs``, from ``compare.paired_gaps``): the comparison's own gap table takes every
+  model against one reference, which for a scaling study is not the pair to read.
 """
 from __future__ import annotations
 
 import csv
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -46,9 +49,18 @@ def arm_points(rows: List[Dict[str, Any]], runs: Dict[str, Dict[int, str]], arms
     return out
 
 
-def scaling_report(points: Dict[str, List[Dict[str, Any]]], workdir: str, dense_arm: str = "dense") -> Dict[str, Any]:
+def scaling_report(points: Dict[str, List[Dict[str, Any]]], workdir: str, dense_arm: str = "dense",
+                   pairs: Optional[Dict[str, List[Dict[str, Any]]]] = None) -> Dict[str, Any]:
     """Fits each arm, computes the multipliers of every other arm against ``dense_arm``, writes
-    ``scaling.md`` / ``scaling.csv`` / ``scaling.png``; returns ``{'fits', 'multipliers', 'text', 'plot'}``."""
+    ``scaling.md`` / ``scaling.csv`` / ``scaling.png``; returns ``{'fits', 'multipliers', 'pairs', 'text',
+    'plot'}``. ``pairs``: per arm but ``dense_arm``, one paired gap per size (``compare.paired_gaps`` of the
+    arm's model against the dense model of the same position: ``{'reference', 'model', 'metric', 'gaps',
+    'mean', 'std', 'lo', 'hi', 'n'}``)."""
+    pairs = pairs or {}
+    for arm, gs in pairs.items():
+        if arm not in points or arm == dense_arm or len(gs) != len(points[arm]):
+            raise ValueError(f"scaling_report: pairs[{arm!r}] needs one gap per size of a non-dense arm "
+                             f"(got {len(gs)} for arms {sorted(points)}).")
     fits = {}
     for arm, pts in points.items():
         try:
@@ -70,10 +82,24 @@ def scaling_report(points: Dict[str, List[Dict[str, Any]]], workdir: str, dense_
         for i, p in enumerate(pts):
             m = mults[arm][i] if arm in mults else float("nan")
             eq = m * p["n"] if np.isfinite(m) or m == np.inf else float("nan")
+            g = pairs[arm][i] if arm in pairs else {}
             rows.append(dict(arm=arm, model=p["model"], n=p["n"], flops=p["flops"], loss=p["loss"],
-                             loss_std=p["loss_std"], metric=p["metric"], dense_equivalent_n=eq, multiplier=m))
+                             loss_std=p["loss_std"], metric=p["metric"], dense_equivalent_n=eq, multiplier=m,
+                             gap_vs_dense=g.get("mean", float("nan")), gap_lo=g.get("lo", float("nan")),
+                             gap_hi=g.get("hi", float("nan")), gap_seeds=g.get("n", 0)))
             lines.append(f"| {arm} | {p['model']} | {p['n']:.4g} | {p['flops']:.3g} | {p['loss']:.3f} | "
                          f"{p['loss_std']:.3f} | {eq:.4g} | {m:.2f} |".replace("nan", "n/a"))
+    if pairs:
+        lines += ["", f"Paired gap at each size ({dense_arm} minus the model of the same size, same seed, "
+                  "nats/token; positive: the model is better), per seed and its 95% t-interval over seeds:", "",
+                  f"| arm | {dense_arm} | model | loss | per-seed gaps | mean | std | 95% CI | seeds |", "|" + "---|" * 9]
+        for arm, gs in pairs.items():
+            for g in gs:
+                per = ", ".join(f"{v:+.3f}" for v in g["gaps"].values()) or "n/a"
+                ci = f"[{g['lo']:+.3f}, {g['hi']:+.3f}]" if np.isfinite(g["lo"]) else "n/a (one seed)"
+                std = f"{g['std']:.3f}" if np.isfinite(g["std"]) else "n/a"
+                lines.append(f"| {arm} | {g['reference']} | {g['model']} | {g['metric']} | {per} | "
+                             f"{g['mean']:+.3f} | {std} | {ci} | {g['n']} |")
     lines += ["", "Fits L(N) = a * N^-alpha + c (least squares):", ""]
     for arm, f in fits.items():
         lines.append(f"- {arm}: " + (f"a={f['a']:.4g}, alpha={f['alpha']:.3f}, c={f['c']:.3f}, rmse={f['rmse']:.4f}"
@@ -91,7 +117,7 @@ def scaling_report(points: Dict[str, List[Dict[str, Any]]], workdir: str, dense_
         w.writeheader()
         w.writerows(rows)
     path = _plot(points, fits, workdir)
-    return {"fits": fits, "multipliers": mults, "text": text, "plot": path}
+    return {"fits": fits, "multipliers": mults, "pairs": pairs, "text": text, "plot": path}
 
 
 def _plot(points, fits, workdir: str) -> str:

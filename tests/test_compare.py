@@ -1,5 +1,6 @@
 """The dense-vs-sparse comparison runner: merging overrides, interpolation at equal budgets, and a tiny
 end-to-end run of ``experiments/compare.py``'s machinery (two models, a few steps) that resumes."""
+import csv
 import json
 import math
 import os
@@ -269,24 +270,43 @@ def test_science_configs_build_valid_runs():
 
 def test_scaling_study_through_run_comparison(tmp_path):
     # Dense d{i}: N = active - embedding = 1e5 * 4^i, test loss 40 N^-0.4 + 2.5; MoE m{i}: same N, the dense loss
-    # of 2N, so each MoE is worth 2x its N (multiplier 2.0). No learning-rate search here.
+    # of 2N, so each MoE is worth 2x its N (multiplier 2.0). No learning-rate search here. Three seeds: seed s
+    # adds (-0.01, 0, +0.01)[s] to every dense loss and (+0.02, 0, -0.02)[s] to every MoE loss, so the means
+    # (and the fits) are the noiseless ones, and at size i the paired gap d{i} - m{i} per seed is
+    # base_i - 0.03, base_i, base_i + 0.03 with base_i = 40 N_i^-0.4 (1 - 2^-0.4): mean base_i, std 0.03,
+    # 95% half-width t_{0.975,2} * 0.03 / sqrt(3) = 4.3027 * 0.017321 = 0.07453.
     from moe_jax import stats
 
     fit = {"a": 40.0, "alpha": 0.4, "c": 2.5}
     sizes = {f"{arm}{i}": 1e5 * 4 ** i for arm in ("d", "m") for i in range(3)}
+    offset = {"d": (-0.01, 0.0, 0.01), "m": (0.02, 0.0, -0.02)}
 
     def train_fn(run_cfg, run_dir):
-        name = run_dir.split(os.sep)[-2]
+        name, seed = run_dir.split(os.sep)[-2], int(run_dir.split(os.sep)[-1][len("seed"):])
         n = sizes[name]
-        loss = float(stats.power_law(n * (2 if name[0] == "m" else 1), fit))
+        loss = float(stats.power_law(n * (2 if name[0] == "m" else 1), fit)) + offset[name[0]][seed]
         _write_run(run_dir, [(10, loss + 0.1)], 1.0, {"val_loss": loss + 0.1, "test_loss": loss,
                                                       "active_params": n + 1000, "embedding_params": 1000,
                                                       "train_flops_per_token": 6 * n, "train_tokens": 10 ** 6})
 
-    cmp_cfg = _science_cfg({k: {} for k in sizes}, seeds=(0,))
+    cmp_cfg = _science_cfg({k: {} for k in sizes}, seeds=(0, 1, 2))
     cmp_cfg.scaling = {"dense": ["d0", "d1", "d2"], "moe": ["m0", "m1", "m2"]}
     out = compare.run_comparison(cmp_cfg, str(tmp_path), train_fn=train_fn, log=lambda *a: None)
     np.testing.assert_allclose(out["scaling"]["multipliers"]["moe"], [2.0, 2.0, 2.0], rtol=1e-3)
+    pairs = out["scaling"]["pairs"]["moe"]
+    assert [(g["reference"], g["model"], g["metric"], g["n"]) for g in pairs] == [
+        ("d0", "m0", "test", 3), ("d1", "m1", "test", 3), ("d2", "m2", "test", 3)]
+    for i, g in enumerate(pairs):
+        base = 40 * (1e5 * 4 ** i) ** -0.4 * (1 - 2 ** -0.4)
+        np.testing.assert_allclose([g["gaps"][s] for s in (0, 1, 2)], [base - 0.03, base, base + 0.03], atol=1e-9)
+        assert g["mean"] == pytest.approx(base, abs=1e-9) and g["std"] == pytest.approx(0.03, rel=1e-6)
+        assert (g["lo"], g["hi"]) == (pytest.approx(base - 0.07453, abs=1e-5), pytest.approx(base + 0.07453, abs=1e-5))
+    md = (tmp_path / "scaling.md").read_text()
+    assert "| moe | d1 | m1 | test |" in md and f"[{pairs[1]['lo']:+.3f}, {pairs[1]['hi']:+.3f}]" in md
+    with open(tmp_path / "scaling.csv") as f:
+        csv_rows = {r["model"]: r for r in csv.DictReader(f)}
+    assert float(csv_rows["m2"]["gap_vs_dense"]) == pytest.approx(pairs[2]["mean"])
+    assert csv_rows["d0"]["gap_vs_dense"] == "nan"
     assert out["scaling"]["fits"]["dense"]["alpha"] == pytest.approx(0.4, rel=1e-3)
     assert "Scaling:" in out["table"] and os.path.getsize(tmp_path / "scaling.png") > 0
     assert out["rows"][0]["tokens"] == 10 * 8 * 64  # steps * B * L of the tiny size
