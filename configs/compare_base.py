@@ -73,10 +73,12 @@ def dense_with_params_of(base_cfg, num_experts: int, moe_every: int = 2) -> dict
 
 def make(base_cfg, models: dict, seeds=(0,), title: str = "", results_dir: str = "",
          size=None, lr_search: bool = False, lr_grid=LR_GRID, lr_select_seeds: int = 1,
-         gap_reference: str = "") -> ml_collections.ConfigDict:
+         gap_reference: str = "", lr_grids=None) -> ml_collections.ConfigDict:
     """The comparison config. ``size``: the config size the study was built at; a size other than the default
     'small' tags the title and sends the committed results to ``<results_dir>_<size>`` (so that a CPU-sized
-    study, e.g. ``configs/compare_routers.py:mini``, does not overwrite the full-size one)."""
+    study, e.g. ``configs/compare_routers.py:mini``, does not overwrite the full-size one). ``lr_grids``:
+    ``{model: grid}``, a model's own grid in place of ``lr_grid`` (each entry can then be overridden from the
+    command line, ``--config.lr_grids.NAME=...``)."""
     if size and size != "small":
         title = f"{title} [{size}]" if title else f"[{size}]"
         results_dir = f"{results_dir}_{size}" if results_dir else ""
@@ -87,6 +89,7 @@ def make(base_cfg, models: dict, seeds=(0,), title: str = "", results_dir: str =
     c.seeds = tuple(seeds)  # a tuple, so that --config.seeds=0,1,2 (or '[0,1,2]') parses
     c.lr_search = bool(lr_search)
     c.lr_grid = tuple(float(x) for x in lr_grid)
+    c.lr_grids = ml_collections.ConfigDict({k: tuple(float(x) for x in v) for k, v in (lr_grids or {}).items()})
     c.lr_select_seeds = int(lr_select_seeds)
     c.gap_reference = gap_reference
     c.title = title

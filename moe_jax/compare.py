@@ -11,7 +11,9 @@ A comparison config (``configs/compare_*.py``) holds:
   the lowest mean *validation* loss (``choose_lr``), and the remaining seeds are trained at that rate only.
   Every reported number then comes from the runs at the chosen rate, and the losses in the table are
   *test*-split losses (``data.test_split``; the ``transformers_src`` corpus always has one), which the
-  choice never reads;
+  choice never reads; ``lr_grids``: ``{model: grid}``, a model's own grid in place of ``lr_grid`` (models of
+  different sizes want different rates: a scaling study widens the small widths' grid), from the command line
+  ``--config.lr_grids.NAME=1e-2,2e-2,4e-2``;
 * ``gap_reference``: the model the paired gaps are taken against (default: the first model);
 * ``results_dir``: optional folder (e.g. ``docs/results/headline``) that receives a copy of the table and
   plots, only when asked (``publish=True``, ``experiments/compare.py --publish``), and in ``runs/`` the record
@@ -126,23 +128,52 @@ def comparison_seeds(cmp_cfg) -> List[int]:
     return [int(s) for s in seeds]
 
 
+def _check_grid(raw, field: str) -> List[float]:
+    """A learning-rate grid of the config field ``field``, validated and sorted."""
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        raw = [raw]
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise ValueError(f"compare config: {field}={raw!r} is empty, but lr_search=True needs 3-5 learning "
+                         f"rates, e.g. --config.{field}=1e-3,2e-3,4e-3 (or set --config.lr_search=False).")
+    for lr in raw:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"compare config: {field}={tuple(raw)!r}: every learning rate must be a positive "
+                             f"number (got {lr!r}); e.g. --config.{field}=1e-3,2e-3,4e-3.")
+    if len(set(raw)) != len(raw):
+        raise ValueError(f"compare config: {field}={tuple(raw)!r} repeats a learning rate; list each once.")
+    return sorted(float(x) for x in raw)
+
+
 def lr_grid(cmp_cfg) -> List[float]:
     """The learning-rate grid (``config.lr_grid``) when ``config.lr_search`` is on, else ``[]``."""
     if not cmp_cfg.get("lr_search", False):
         return []
-    raw = cmp_cfg.get("lr_grid", None)
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        raw = [raw]
-    if not isinstance(raw, (list, tuple)) or not raw:
-        raise ValueError(f"compare config: lr_grid={raw!r} is empty, but lr_search=True needs 3-5 learning "
-                         "rates, e.g. --config.lr_grid=1e-3,2e-3,4e-3 (or set --config.lr_search=False).")
-    for lr in raw:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise ValueError(f"compare config: lr_grid={tuple(raw)!r}: every learning rate must be a positive "
-                             f"number (got {lr!r}); e.g. --config.lr_grid=1e-3,2e-3,4e-3.")
-    if len(set(raw)) != len(raw):
-        raise ValueError(f"compare config: lr_grid={tuple(raw)!r} repeats a learning rate; list each once.")
-    return sorted(float(x) for x in raw)
+    return _check_grid(cmp_cfg.get("lr_grid", None), "lr_grid")
+
+
+def lr_grids(cmp_cfg, names: List[str]) -> Dict[str, List[float]]:
+    """Per model of ``names`` its learning-rate grid: ``config.lr_grids[model]`` where the config gives one,
+    else ``config.lr_grid``; ``{}`` without ``lr_search``. A key of ``lr_grids`` that is not a model is an
+    error (a misspelt name would silently search the shared grid)."""
+    base = lr_grid(cmp_cfg)
+    per = cmp_cfg.get("lr_grids", None) or {}
+    per = per.to_dict() if hasattr(per, "to_dict") else dict(per)
+    if not base:
+        if per:
+            raise ValueError(f"compare config: lr_grids is given for {sorted(per)} but lr_search is off; set "
+                             "--config.lr_search=True or drop lr_grids.")
+        return {}
+    models = set(cmp_cfg.models.to_dict())
+    unknown = sorted(k for k in per if k not in models)
+    if unknown:
+        raise ValueError(f"compare config: lr_grids names {unknown}, which are not models of the comparison "
+                         f"{sorted(models)}.")
+    return {n: _check_grid(per[n], f"lr_grids.{n}") if n in per else base for n in names}
+
+
+def _model_grid(grid, name: str) -> List[float]:
+    """``grid`` of one model: ``grid[name]`` for a per-model grid (``lr_grids``), else the shared list."""
+    return grid.get(name, []) if isinstance(grid, dict) else grid
 
 
 def lr_tag(lr: float) -> str:
@@ -181,14 +212,14 @@ def choose_lr(val_losses: Dict[float, List[float]]) -> Optional[float]:
     return best
 
 
-def lr_search_table(workdir: str, names: List[str], grid: List[float], sel: List[int]
-                    ) -> Dict[str, Dict[str, Any]]:
+def lr_search_table(workdir: str, names: List[str], grid, sel: List[int]) -> Dict[str, Dict[str, Any]]:
     """Per model: ``{'val': {lr: [val loss per selection seed]}, 'chosen': lr}``. Reads only ``val_loss`` of
-    the runs' ``summary.json`` (the test split is never looked at here)."""
+    the runs' ``summary.json`` (the test split is never looked at here). ``grid``: a list shared by all
+    models, or ``{model: list}`` (``lr_grids``)."""
     out = {}
     for n in names:
         val = {}
-        for lr in grid:
+        for lr in _model_grid(grid, n):
             val[lr] = [_summary(os.path.join(workdir, n, lr_tag(lr), f"seed{s}")).get("val_loss") for s in sel]
         out[n] = {"val": val, "chosen": choose_lr(val)}
     return out
@@ -414,7 +445,7 @@ def trust_note(seeds: List[int], searched: bool, gaps: List[Dict[str, Any]],
     edges = grid_edges(lr_info)
     if edges:
         parts.append(f"Chosen learning rate at the edge of the grid for {', '.join(edges)}: a rate outside the "
-                     "grid may be better for it; widen --config.lr_grid to be sure.")
+                     "grid may be better for it; widen --config.lr_grid (or the model's lr_grids entry) to be sure.")
     if len(seeds) < 2:
         parts.append("One seed: no confidence interval. A gap smaller than the seed-to-seed spread is not a "
                      "result; rerun with --config.seeds=0,1,2 for a 95% interval.")
@@ -509,7 +540,7 @@ def write_table(rows: List[Dict[str, Any]], workdir: str, title: str = "",
     if lr_info:
         grid = sorted({lr for info in lr_info.values() for lr in info["val"]})
         lines += ["", "Learning-rate search: mean validation loss at each rate (selection seeds); **bold** = "
-                  "chosen (lowest validation loss; the test split is not read):", "",
+                  "chosen (lowest validation loss; the test split is not read); -: not in the model's grid:", "",
                   "| model | chosen lr | " + " | ".join(f"{lr:g}" for lr in grid) + " |",
                   "|" + "---|" * (2 + len(grid))]
         for n, info in lr_info.items():
@@ -517,7 +548,7 @@ def write_table(rows: List[Dict[str, Any]], workdir: str, title: str = "",
             for lr in grid:
                 v = info["val"].get(lr, [])
                 m = float(np.mean(v)) if v and all(x is not None for x in v) else float("nan")
-                cell = f"{m:.3f}" if np.isfinite(m) else "n/a"
+                cell = "-" if lr not in info["val"] else f"{m:.3f}" if np.isfinite(m) else "n/a"
                 cells.append(f"**{cell}**" if lr == info["chosen"] else cell)
             chosen = f"{info['chosen']:g}" if info["chosen"] is not None else "n/a"
             lines.append(f"| {n} | {chosen} | " + " | ".join(cells) + " |")
@@ -719,13 +750,12 @@ def find_same_run(run_cfg, reuse_dirs: List[str], seed: int) -> Optional[str]:
     return None
 
 
-def parse_only(only: List[str], names: List[str], seeds: List[int], grid: List[float],
-               sel: List[int]) -> set:
+def parse_only(only: List[str], names: List[str], seeds: List[int], grid, sel: List[int]) -> set:
     """``--only`` items -> a set of ``(model, seed, lr or None)``. ``'model:seed'`` is every run of that model
     and seed (with ``lr_search``, its whole grid at a selection seed); ``'model:seed:lr'`` is one grid run, so
     that the grid too can be split across processes. ``lr`` must be a rate of ``lr_grid``; at a seed that is
     not a selection seed it must be omitted (that seed trains at the chosen rate, unknown until the grid is
-    done)."""
+    done). ``grid``: a list shared by all models, or ``{model: list}`` (``lr_grids``)."""
     wanted = set()
     form = "'model:seed' or 'model:seed:lr'" if grid else "'model:seed'"
     for item in only:
@@ -736,15 +766,16 @@ def parse_only(only: List[str], names: List[str], seeds: List[int], grid: List[f
             raise ValueError(f"--only {item!r}: expected {form} with model in {names} and seed in {seeds}.")
         lr = None
         if len(parts) == 3:
+            mgrid = _model_grid(grid, name)
             try:
-                match = [g for g in grid if lr_tag(g) == lr_tag(float(parts[2]))]  # as the folders name them
+                match = [g for g in mgrid if lr_tag(g) == lr_tag(float(parts[2]))]  # as the folders name them
             except ValueError:
                 match = []
             if not grid:
                 raise ValueError(f"--only {item!r}: a learning rate is given but this comparison has no "
                                  "lr_search; write 'model:seed'.")
             if not match:
-                raise ValueError(f"--only {item!r}: {parts[2]!r} is not a rate of lr_grid {list(grid)}.")
+                raise ValueError(f"--only {item!r}: {parts[2]!r} is not a rate of {name}'s lr_grid {list(mgrid)}.")
             if int(seed) not in sel:
                 raise ValueError(f"--only {item!r}: seed {seed} is not a selection seed {sel}; it trains at the "
                                  f"chosen rate only: write '{name}:{seed}'.")
@@ -753,11 +784,12 @@ def parse_only(only: List[str], names: List[str], seeds: List[int], grid: List[f
     return wanted
 
 
-def run_order(names: List[str], seeds: List[int], grid: List[float], sel: List[int]):
+def run_order(names: List[str], seeds: List[int], grid, sel: List[int]):
     """The runs of a comparison in training order, as ``(model, seed, lr, grid_run)``. Without a grid: every
     model at every seed (``lr`` None). With one: first each model's grid at the selection seeds ``sel``
     (``grid_run`` True), then each model at the remaining seeds, at its chosen rate (``lr`` None: known only
-    once the grid is done). ``run_comparison`` trains in this order and ``run_plan`` schedules it."""
+    once the grid is done). ``run_comparison`` trains in this order and ``run_plan`` schedules it. ``grid``: a
+    list shared by all models, or ``{model: list}`` (``lr_grids``)."""
     if not grid:
         for n in names:
             for s in seeds:
@@ -765,7 +797,7 @@ def run_order(names: List[str], seeds: List[int], grid: List[float], sel: List[i
         return
     for n in names:
         for s in sel:
-            for lr in grid:
+            for lr in _model_grid(grid, n):
                 yield n, s, lr, True
     for n in names:
         for s in seeds[len(sel):]:
@@ -780,7 +812,7 @@ def run_plan(cmp_cfg, workdir: str) -> List[Tuple[str, List[str]]]:
     workdir = os.path.abspath(workdir)
     names = list(model_configs(cmp_cfg))
     seeds = comparison_seeds(cmp_cfg)
-    grid = lr_grid(cmp_cfg)
+    grid = lr_grids(cmp_cfg, names)
     sel = select_seeds(cmp_cfg, seeds) if grid else []
     done = lambda *parts: os.path.exists(os.path.join(workdir, *parts, "summary.json"))
     plan = []
@@ -791,8 +823,8 @@ def run_plan(cmp_cfg, workdir: str) -> List[Tuple[str, List[str]]]:
         elif grid_run:
             if not done(n, lr_tag(lr), f"seed{s}"):
                 plan.append((f"{n}:{s}:{lr:g}", []))
-        elif not any(done(n, lr_tag(g), f"seed{s}") for g in grid):
-            waits = [f"{n}:{t}:{g:g}" for t in sel for g in grid if not done(n, lr_tag(g), f"seed{t}")]
+        elif not any(done(n, lr_tag(g), f"seed{s}") for g in grid[n]):
+            waits = [f"{n}:{t}:{g:g}" for t in sel for g in grid[n] if not done(n, lr_tag(g), f"seed{t}")]
             plan.append((f"{n}:{s}", waits))
     return plan
 
@@ -941,7 +973,7 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
     configs = model_configs(cmp_cfg)
     names = list(configs)
     seeds = comparison_seeds(cmp_cfg)
-    grid = lr_grid(cmp_cfg)
+    grid = lr_grids(cmp_cfg, names)
     sel = select_seeds(cmp_cfg, seeds) if grid else []
     reference = cmp_cfg.get("gap_reference", "") or names[0]
     if reference not in names:
@@ -1025,7 +1057,8 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
         os.makedirs(results_dir, exist_ok=True)
         for path in [p for p in written if os.path.exists(p)] + plots:
             shutil.copy(path, results_dir)
-        grid_runs = [os.path.join(workdir, n, lr_tag(g), f"seed{t}") for n in names for g in grid for t in sel]
+        grid_runs = [os.path.join(workdir, n, lr_tag(g), f"seed{t}") for n in names for g in _model_grid(grid, n)
+                     for t in sel]
         table_runs = [d for n in names for d in runs[n].values()]
         write_records(workdir, sorted({d for d in grid_runs + table_runs
                                        if os.path.exists(os.path.join(d, "summary.json"))}),

@@ -219,6 +219,23 @@ def test_seeds_from_the_command_line(value, monkeypatch):
     assert tuple(fv.config.lr_grid) == (1e-3, 3e-3)
 
 
+def test_per_model_grid_from_the_command_line(monkeypatch):
+    import sys
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=False)
+    argv = ["prog", f"--config={root}/configs/compare_scaling.py", "--config.lr_grids.moe_d32=1e-2,2e-2,4e-2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    fv(argv)
+    grids = compare.lr_grids(fv.config, list(compare.model_configs(fv.config)))
+    assert grids["moe_d32"] == [1e-2, 2e-2, 4e-2] and grids["dense_d32"] == [4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 0.128]
+    assert grids["moe_d128"] == [1e-3, 2e-3, 4e-3, 8e-3]
+
+
 def test_bad_comparison_inputs_name_the_field():
     cfg = _science_cfg({"a": {}}, seeds=(0,), lr_search=True, lr_grid=())
     with pytest.raises(ValueError, match=r"lr_grid=\(\) is empty"):
@@ -254,7 +271,7 @@ def test_science_configs_build_valid_runs():
         cmp_cfg = importlib.import_module(f"configs.compare_{name}").get_config(spec)
         runs = compare.model_configs(cmp_cfg)
         assert cmp_cfg.lr_search and compare.lr_grid(cmp_cfg) == grid, name
-        assert name == "scaling" or len(cmp_cfg.seeds) >= 3, name
+        assert spec == "gpu" or len(cmp_cfg.seeds) >= 3, name
         for run_name, run_cfg in runs.items():
             assert run_cfg.data.corpus == "transformers_src"
             m = train_lib.validate_config(run_cfg)
@@ -265,6 +282,9 @@ def test_science_configs_build_valid_runs():
                 assert m.moe is None or (m.moe.glu and m.moe.activation == "silu")
         if name == "scaling":
             assert len(cmp_cfg.scaling.dense) == len(cmp_cfg.scaling.moe) >= 3
+            grids = compare.lr_grids(cmp_cfg, list(runs))  # CPU: D = 32, 64 search their own, higher grid
+            small = [4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1]
+            assert grids == {n: small if spec is None and not n.endswith("d128") else full for n in runs}
             assert sorted(cmp_cfg.scaling.dense + cmp_cfg.scaling.moe) == sorted(runs)
 
 
@@ -324,7 +344,7 @@ def test_only_items_pick_single_grid_runs(tmp_path):
     assert compare.parse_only(["a:1", "b:0:0.001"], names, seeds, grid, [0]) == {("a", 1, None), ("b", 0, 1e-3)}
     # a rate matches as its run folder names it: 0.0010 and 1e-3 are both lr0.001
     assert compare.parse_only(["b:0:0.0010", "a:0:1e-3"], names, seeds, grid, [0]) == {("b", 0, 1e-3), ("a", 0, 1e-3)}
-    for bad, match in [("a:0:3e-3", "not a rate of lr_grid"), ("a:1:1e-3", "not a selection seed"),
+    for bad, match in [("a:0:3e-3", "not a rate of a.s lr_grid"), ("a:1:1e-3", "not a selection seed"),
                        ("c:0", "expected 'model:seed' or 'model:seed:lr'"), ("a:0:1e-3:x", "expected"),
                        ("a:5", "seed in"), ("a:0:fast", "not a rate")]:
         with pytest.raises(ValueError, match=match):
@@ -358,6 +378,42 @@ def test_run_comparison_trains_in_run_plan_order(tmp_path):
     compare.run_comparison(cmp_cfg, wd, train_fn=train_fn, log=lambda *a: None)
     assert calls == [("a", 1e-3, 0), ("a", 2e-3, 0), ("b", 1e-3, 0), ("b", 2e-3, 0), ("a", 2e-3, 1), ("b", 1e-3, 1)]
     assert compare.run_plan(cmp_cfg, wd) == []  # all done: nothing left to schedule
+
+
+def test_per_model_lr_grids(tmp_path):
+    # a searches the shared grid (1e-3, 2e-3); b its own (lr_grids.b, given unsorted: 4e-3, 8e-3, 1.6e-2).
+    # Validation: 1e-3 -> 3.2, 2e-3 -> 3.1, 4e-3 -> 3.3, 8e-3 -> 3.0, 1.6e-2 -> 3.4, so a chooses 2e-3 (its grid's
+    # largest: an edge) and b 8e-3 (inside its own grid, though above every rate of the shared one).
+    cmp_cfg = _science_cfg({"a": {}, "b": {}}, seeds=(0, 1), lr_search=True, lr_grid=(1e-3, 2e-3),
+                           lr_grids={"b": (1.6e-2, 4e-3, 8e-3)})
+    assert compare.lr_grids(cmp_cfg, ["a", "b"]) == {"a": [1e-3, 2e-3], "b": [4e-3, 8e-3, 1.6e-2]}
+    wd = str(tmp_path / "cmp")
+    items = [item for item, _ in compare.run_plan(cmp_cfg, wd)]
+    assert items == ["a:0:0.001", "a:0:0.002", "b:0:0.004", "b:0:0.008", "b:0:0.016", "a:1", "b:1"]
+    val = {1e-3: 3.2, 2e-3: 3.1, 4e-3: 3.3, 8e-3: 3.0, 1.6e-2: 3.4}
+    train_fn, calls = _fake_train(lambda m, lr, s: (val[lr], 3.0))
+    out = compare.run_comparison(cmp_cfg, wd, train_fn=train_fn, log=lambda *a: None)
+    assert calls == [("a", 1e-3, 0), ("a", 2e-3, 0), ("b", 4e-3, 0), ("b", 8e-3, 0), ("b", 1.6e-2, 0),
+                     ("a", 2e-3, 1), ("b", 8e-3, 1)]
+    assert out["lr_info"]["a"]["chosen"] == 2e-3 and out["lr_info"]["b"]["chosen"] == 8e-3
+    assert "a (0.002, the largest)" in out["note"] and "b (" not in out["note"]
+    text = open(os.path.join(wd, "results.md")).read()
+    assert "| a | 0.002 | 3.200 | **3.100** | - | - | - |" in text
+    assert "| b | 0.008 | - | - | 3.300 | **3.000** | 3.400 |" in text
+    grids = compare.lr_grids(cmp_cfg, ["a", "b"])
+    assert compare.parse_only(["b:0:8e-3", "a:0:1e-3"], ["a", "b"], [0, 1], grids, [0]) == {("b", 0, 8e-3),
+                                                                                         ("a", 0, 1e-3)}
+    with pytest.raises(ValueError, match=r"0.001' is not a rate of b's lr_grid \[0.004, 0.008, 0.016\]"):
+        compare.parse_only(["b:0:0.001"], ["a", "b"], [0, 1], grids, [0])
+    # bad per-model grids name their field
+    for bad, match in [({"c": (1e-3,)}, r"lr_grids names \['c'\], which are not models"),
+                       ({"b": ()}, r"lr_grids.b=\(\) is empty"), ({"b": (1e-3, 0.0)}, "lr_grids.b=.*positive")]:
+        cmp_cfg.lr_grids = bad
+        with pytest.raises(ValueError, match=match):
+            compare.lr_grids(cmp_cfg, ["a", "b"])
+    cmp_cfg.lr_grids, cmp_cfg.lr_search = {"b": (1e-3,)}, False
+    with pytest.raises(ValueError, match="lr_grids is given for \\['b'\\] but lr_search is off"):
+        compare.lr_grids(cmp_cfg, ["a", "b"])
 
 
 def test_parallel_runs_respect_waits_and_report_a_failure(tmp_path, monkeypatch):
