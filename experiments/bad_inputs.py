@@ -47,7 +47,7 @@ def _message(fn) -> str:
 
 def cases(tmp: str):
     """``[(area, input, message)]``, each message with ``tmp`` shown as ``<tmp>``."""
-    from configs import compare_headline, compare_quick, switch_top1
+    from configs import compare_headline, compare_quick, compare_scaling, switch_top1
     from moe_jax import compare, data, train
 
     out = []
@@ -83,6 +83,14 @@ def cases(tmp: str):
     out.append(("compare.py", "--only=dense:0:3e-3 (a rate outside lr_grid)",
                 _message(lambda: compare.run_comparison(head, os.path.join(tmp, "cmp"), train_missing=False,
                                                         only=["dense:0:3e-3"], log=lambda *a: None))))
+    scaling = compare_scaling.get_config()
+    scaling.lr_grids.moe_d32 = (0.0, 1e-2)
+    out.append(("compare.py", "--config.lr_grids.moe_d32=0,1e-2 (configs/compare_scaling.py)",
+                _message(lambda: compare.lr_grids(scaling, ["moe_d32"]))))
+    scaling = compare_scaling.get_config()
+    scaling.lr_grids.moe_d23 = (1e-2,)
+    out.append(("compare.py", "a config's lr_grids names moe_d23, not a model",
+                _message(lambda: compare.lr_grids(scaling, ["moe_d32"]))))
     head.order = ("dense", "swich_top1_e8")
     out.append(("compare.py", "--config.order=dense,swich_top1_e8",
                 _message(lambda: compare.model_configs(head))))

@@ -167,7 +167,7 @@ def lr_grids(cmp_cfg, names: List[str]) -> Dict[str, List[float]]:
     unknown = sorted(k for k in per if k not in models)
     if unknown:
         raise ValueError(f"compare config: lr_grids names {unknown}, which are not models of the comparison "
-                         f"{sorted(models)}.")
+                         f"{sorted(models)}; rename each key to a model's name or drop it.")
     return {n: _check_grid(per[n], f"lr_grids.{n}") if n in per else base for n in names}
 
 
