@@ -14,7 +14,9 @@ A comparison config (``configs/compare_*.py``) holds:
   choice never reads; ``lr_grids``: ``{model: grid}``, a model's own grid in place of ``lr_grid`` (models of
   different sizes want different rates: a scaling study widens the small widths' grid), from the command line
   ``--config.lr_grids.NAME=1e-2,2e-2,4e-2``;
-* ``gap_reference``: the model the paired gaps are taken against (default: the first model);
+* ``gap_reference``: the model the paired gaps are taken against (default: the first model); a scaling study
+  (``scaling``: ``{arm: [model per size]}``, ``moe_jax/scaling.py``) pairs each model with the ``dense`` arm's
+  model of its size instead;
 * ``results_dir``: optional folder (e.g. ``docs/results/headline``) that receives a copy of the table and
   plots, only when asked (``publish=True``, ``experiments/compare.py --publish``), and in ``runs/`` the record
   of every run the table reads (``write_records``: config, summary, gzipped metrics; no checkpoints), which
@@ -477,7 +479,7 @@ def write_table(rows: List[Dict[str, Any]], workdir: str, title: str = "",
         g = by_model.get(r["model"], {})
         r["gap_vs_reference"] = g.get("mean", float("nan"))
         r["gap_ci95_lo"], r["gap_ci95_hi"] = g.get("lo", float("nan")), g.get("hi", float("nan"))
-        r["gap_metric"] = g.get("metric", "")
+        r["gap_metric"], r["gap_reference"] = g.get("metric", ""), g.get("reference", "")
     with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -945,6 +947,29 @@ def _train_one(name, cfg, seed, run_dir, names, workdir, reuse_dirs, train_fn, l
     train_fn(run_cfg, run_dir)
 
 
+_DENSE_ARM = "dense"  # the arm of a scaling study the others are paired with, size by size
+
+
+def _scaling_pairs(cmp_cfg, names: List[str], runs, seeds: List[int]):
+    """A scaling study's arms ``{arm: [model per size]}`` (the models of ``names``: ``--config.order`` may run
+    part of it) and its paired gaps ``{arm: [dense of size i - model of size i]}`` (arms with one model per
+    dense size); ``({}, {})`` without ``config.scaling``."""
+    if not cmp_cfg.get("scaling", None):
+        return {}, {}
+    all_models = set(cmp_cfg.models.to_dict())
+    arms = {}
+    for k, v in cmp_cfg.scaling.to_dict().items():
+        unknown = [m for m in v if m not in all_models]
+        if unknown:
+            raise ValueError(f"compare config: scaling.{k} lists {unknown}, which are not models of the "
+                             f"comparison {sorted(all_models)}.")
+        arms[k] = [m for m in v if m in names]
+    dense = arms.get(_DENSE_ARM)
+    pairs = {k: [paired_gaps(runs, [d, m], seeds, d)[0] for d, m in zip(dense, v)]
+             for k, v in arms.items() if dense and k != _DENSE_ARM and len(v) == len(dense)}
+    return arms, pairs
+
+
 def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Optional[List[str]] = None,
                    train_missing: bool = True, reuse: Optional[List[str]] = None,
                    publish: bool = False) -> Dict[str, Any]:
@@ -1021,7 +1046,9 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
         r["tokens"] = r["steps"] * int(d.batch_size) * int(d.seq_len)  # per run, at the last step logged
         n_train = summaries[n].get("train_tokens")
         r["epochs"] = r["tokens"] / n_train if n_train else float("nan")
-    gaps = paired_gaps(runs, names, seeds, reference)
+    arms, pairs = _scaling_pairs(cmp_cfg, names, runs, seeds)
+    # a scaling study pairs each model with the dense model of its size; any other study, with the reference
+    gaps = [g for v in pairs.values() for g in v] if pairs else paired_gaps(runs, names, seeds, reference)
     note = trust_note(seeds, bool(grid), gaps, lr_info)
     title = cmp_cfg.get("title", "")
     if rows and np.isfinite(rows[0]["epochs"]):
@@ -1034,22 +1061,11 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
         plots.append(plot_lr(workdir, lr_info))
     written = [os.path.join(workdir, f) for f in ("results.md", "results.csv", "gaps.csv", "lr_grid.csv")]
     scaling = None
-    if cmp_cfg.get("scaling", None):
+    if arms:
         from moe_jax import scaling as scaling_lib
 
-        all_models = set(cmp_cfg.models.to_dict())
-        arms = {}
-        for k, v in cmp_cfg.scaling.to_dict().items():
-            unknown = [m for m in v if m not in all_models]
-            if unknown:
-                raise ValueError(f"compare config: scaling.{k} lists {unknown}, which are not models of the "
-                                 f"comparison {sorted(all_models)}.")
-            arms[k] = [m for m in v if m in names]  # --config.order may run part of the study
-        dense_arm = "dense"
-        pairs = {k: [paired_gaps(runs, [d, m], seeds, d)[0] for d, m in zip(arms[dense_arm], v)]
-                 for k, v in arms.items() if k != dense_arm and dense_arm in arms and len(v) == len(arms[dense_arm])}
         scaling = scaling_lib.scaling_report(scaling_lib.arm_points(rows, runs, arms, summaries), workdir,
-                                             dense_arm=dense_arm, pairs=pairs)
+                                             dense_arm=_DENSE_ARM, pairs=pairs)
         table += "\n" + scaling["text"]
         plots.append(scaling["plot"])
         written += [os.path.join(workdir, "scaling.md"), os.path.join(workdir, "scaling.csv")]

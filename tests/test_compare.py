@@ -327,6 +327,18 @@ def test_scaling_study_through_run_comparison(tmp_path):
         csv_rows = {r["model"]: r for r in csv.DictReader(f)}
     assert float(csv_rows["m2"]["gap_vs_dense"]) == pytest.approx(pairs[2]["mean"])
     assert csv_rows["d0"]["gap_vs_dense"] == "nan"
+    # results.md, results.csv and gaps.csv take the same per-size pairs, not every model against d0
+    assert out["gaps"] == pairs
+    results_md = (tmp_path / "results.md").read_text()
+    assert "| d0 - m0 | test |" in results_md and "| d2 - m2 | test |" in results_md
+    assert "d0 - d1" not in results_md and "d0 - m2" not in results_md
+    with open(tmp_path / "results.csv") as f:
+        res = {r["model"]: r for r in csv.DictReader(f)}
+    assert res["m1"]["gap_reference"] == "d1" and float(res["m1"]["gap_vs_reference"]) == pytest.approx(pairs[1]["mean"])
+    assert res["d1"]["gap_reference"] == "" and res["d1"]["gap_vs_reference"] == "nan"
+    with open(tmp_path / "gaps.csv") as f:
+        assert sorted({(r["reference"], r["model"]) for r in csv.DictReader(f)}) == [
+            ("d0", "m0"), ("d1", "m1"), ("d2", "m2")]
     assert out["scaling"]["fits"]["dense"]["alpha"] == pytest.approx(0.4, rel=1e-3)
     assert "Scaling:" in out["table"] and os.path.getsize(tmp_path / "scaling.png") > 0
     assert out["rows"][0]["tokens"] == 10 * 8 * 64  # steps * B * L of the tiny size
