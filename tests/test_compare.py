@@ -282,9 +282,11 @@ def test_science_configs_build_valid_runs():
                 assert m.moe is None or (m.moe.glu and m.moe.activation == "silu")
         if name == "scaling":
             assert len(cmp_cfg.scaling.dense) == len(cmp_cfg.scaling.moe) >= 3
-            grids = compare.lr_grids(cmp_cfg, list(runs))  # CPU: D = 32, 64 search their own, higher grid
-            small = [4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1]
-            assert grids == {n: small if spec is None and not n.endswith("d128") else full for n in runs}
+            grids = compare.lr_grids(cmp_cfg, list(runs))  # CPU: the widths below 128 search their own grids
+            small, mid = [4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2, 1.28e-1], [4e-3, 8e-3, 1.6e-2]
+            want = {"d32": small, "d64": small, "d96": mid} if spec is None else {}
+            assert grids == {n: want.get(n.split("_")[-1], full) for n in runs}
+            assert spec == "gpu" or sorted(runs) == sorted(f"{a}_d{d}" for a in ("dense", "moe") for d in (32, 64, 96, 128))
             assert sorted(cmp_cfg.scaling.dense + cmp_cfg.scaling.moe) == sorted(runs)
 
 
