@@ -78,17 +78,22 @@ def scaling_report(points: Dict[str, List[Dict[str, Any]]], workdir: str, dense_
              "| arm | model | N | train FLOPs | loss | loss std | dense-equivalent N | multiplier |",
              "|" + "---|" * 8]
     rows = []
+    dense_n = [p["n"] for p in points.get(dense_arm, [])]
     for arm, pts in points.items():
         for i, p in enumerate(pts):
             m = mults[arm][i] if arm in mults else float("nan")
             eq = m * p["n"] if np.isfinite(m) or m == np.inf else float("nan")
+            # read off the dense fit outside the dense sizes measured: an extrapolation, marked as one
+            extrapolated = bool(dense_n) and not np.isnan(eq) and not min(dense_n) <= eq <= max(dense_n)
             g = pairs[arm][i] if arm in pairs else {}
             rows.append(dict(arm=arm, model=p["model"], n=p["n"], flops=p["flops"], loss=p["loss"],
                              loss_std=p["loss_std"], metric=p["metric"], dense_equivalent_n=eq, multiplier=m,
+                             extrapolated=extrapolated,
                              gap_vs_dense=g.get("mean", float("nan")), gap_lo=g.get("lo", float("nan")),
                              gap_hi=g.get("hi", float("nan")), gap_seeds=g.get("n", 0)))
-            lines.append(f"| {arm} | {p['model']} | {p['n']:.4g} | {p['flops']:.3g} | {p['loss']:.3f} | "
-                         f"{p['loss_std']:.3f} | {eq:.4g} | {m:.2f} |".replace("nan", "n/a"))
+            mark = " (extrapolated)" if extrapolated else ""
+            lines.append((f"| {arm} | {p['model']} | {p['n']:.4g} | {p['flops']:.3g} | {p['loss']:.3f} | "
+                          f"{p['loss_std']:.3f} | {eq:.4g}{mark} | {m:.2f}{mark} |").replace("nan", "n/a"))
     if pairs:
         lines += ["", f"Paired gap at each size ({dense_arm} minus the model of the same size, same seed, "
                   "nats/token; positive: the model is better), per seed and its 95% t-interval over seeds:", "",
@@ -102,13 +107,16 @@ def scaling_report(points: Dict[str, List[Dict[str, Any]]], workdir: str, dense_
                              f"{g['mean']:+.3f} | {std} | {ci} | {g['n']} |")
     lines += ["", "Fits L(N) = a * N^-alpha + c (least squares):", ""]
     for arm, f in fits.items():
-        lines.append(f"- {arm}: " + (f"a={f['a']:.4g}, alpha={f['alpha']:.3f}, c={f['c']:.3f}, rmse={f['rmse']:.4f}"
+        dof = len(points[arm]) - 3
+        lines.append(f"- {arm}: " + (f"a={f['a']:.4g}, alpha={f['alpha']:.3f}, c={f['c']:.3f}, rmse={f['rmse']:.4f} "
+                                     f"over {len(points[arm])} sizes ({dof} degree(s) of freedom"
+                                     + ("; it passes through them)" if dof == 0 else ")")
                                      if "a" in f else f"no fit ({f['error']})")
                      + (" **(alpha at the end of the searched range [0.001, 3]: these points do not determine "
                         "a power law with an asymptote; its multipliers mean nothing)**" if f.get("at_bound") else ""))
     lines += ["", "multiplier: the dense size with the model's loss on the dense fit, over the model's N "
-              "(Clark et al. 2022); inf: below the dense fit's asymptote c; outside the dense sizes measured it "
-              "is an extrapolation. With 3 sizes the fit has 0 degrees of freedom (it passes through them)."]
+              "(Clark et al. 2022); inf: below the dense fit's asymptote c; (extrapolated): the dense-equivalent "
+              "N lies outside the dense sizes measured, so it is read off the fit beyond its points."]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(workdir, "scaling.md"), "w") as f:
         f.write(text)

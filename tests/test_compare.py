@@ -329,6 +329,10 @@ def test_scaling_study_through_run_comparison(tmp_path):
         csv_rows = {r["model"]: r for r in csv.DictReader(f)}
     assert float(csv_rows["m2"]["gap_vs_dense"]) == pytest.approx(pairs[2]["mean"])
     assert csv_rows["d0"]["gap_vs_dense"] == "nan"
+    # dense sizes 1e5, 4e5, 1.6e6: m2's dense equivalent 2 * 1.6e6 lies beyond them, m0's and m1's inside
+    assert [csv_rows[m]["extrapolated"] for m in ("m0", "m1", "m2")] == ["False", "False", "True"]
+    assert "| 3.2e+06 (extrapolated) | 2.00 (extrapolated) |" in md and md.count("(extrapolated) |") == 2
+    assert "over 3 sizes (0 degree(s) of freedom; it passes through them)" in md
     # results.md, results.csv and gaps.csv take the same per-size pairs, not every model against d0
     assert out["gaps"] == pairs
     results_md = (tmp_path / "results.md").read_text()
