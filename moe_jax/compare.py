@@ -957,16 +957,21 @@ def _scaling_pairs(cmp_cfg, names: List[str], runs, seeds: List[int]):
     if not cmp_cfg.get("scaling", None):
         return {}, {}
     all_models = set(cmp_cfg.models.to_dict())
-    arms = {}
-    for k, v in cmp_cfg.scaling.to_dict().items():
+    full = cmp_cfg.scaling.to_dict()
+    for k, v in full.items():
         unknown = [m for m in v if m not in all_models]
         if unknown:
             raise ValueError(f"compare config: scaling.{k} lists {unknown}, which are not models of the "
                              f"comparison {sorted(all_models)}.")
-        arms[k] = [m for m in v if m in names]
-    dense = arms.get(_DENSE_ARM)
-    pairs = {k: [paired_gaps(runs, [d, m], seeds, d)[0] for d, m in zip(dense, v)]
-             for k, v in arms.items() if dense and k != _DENSE_ARM and len(v) == len(dense)}
+    arms = {k: [m for m in v if m in names] for k, v in full.items()}
+    dense = full.get(_DENSE_ARM, [])
+    pairs = {}
+    for k, v in full.items():  # size i of arm k pairs with size i of the dense arm, both of them run
+        if k == _DENSE_ARM or len(v) != len(dense):
+            continue
+        both = [(d, m) for d, m in zip(dense, v) if m in names]
+        if both and all(d in names for d, _ in both):
+            pairs[k] = [paired_gaps(runs, [d, m], seeds, d)[0] for d, m in both]
     return arms, pairs
 
 

@@ -348,6 +348,18 @@ def test_scaling_study_through_run_comparison(tmp_path):
     assert out["scaling"]["fits"]["dense"]["alpha"] == pytest.approx(0.4, rel=1e-3)
     assert "Scaling:" in out["table"] and os.path.getsize(tmp_path / "scaling.png") > 0
     assert out["rows"][0]["tokens"] == 10 * 8 * 64  # steps * B * L of the tiny size
+    # --config.order running part of the study: sizes pair by their place in the config's lists. d1,d2,m1,m2:
+    # d1-m1, d2-m2. d1,m1,m2: m2's partner d2 is not run, so the arm gets no pairs (the report wants one per
+    # size it shows). d2,m1: one model per arm, but not of one size: no pair (not d2 - m1).
+    names = ["d1", "d2", "m1", "m2"]
+    runs = compare.run_dirs(str(tmp_path), names, [0, 1, 2])
+    arms, got = compare._scaling_pairs(cmp_cfg, names, runs, [0, 1, 2])
+    assert arms == {"dense": ["d1", "d2"], "moe": ["m1", "m2"]}
+    assert [(g["reference"], g["model"]) for g in got["moe"]] == [("d1", "m1"), ("d2", "m2")]
+    arms, got = compare._scaling_pairs(cmp_cfg, ["d1", "m1", "m2"], runs, [0, 1, 2])
+    assert arms == {"dense": ["d1"], "moe": ["m1", "m2"]} and got == {}
+    arms, got = compare._scaling_pairs(cmp_cfg, ["d2", "m1"], runs, [0, 1, 2])  # not a pair: nothing
+    assert got == {}
 
 
 def test_only_items_pick_single_grid_runs(tmp_path):
