@@ -534,11 +534,7 @@ def write_table(rows: List[Dict[str, Any]], workdir: str, title: str = "",
                   "its 95% t-interval over seeds:", "",
                   "| reference - model | loss | per-seed gaps | mean | std | 95% CI | seeds |", "|" + "---|" * 7]
         for g in gaps:
-            per = ", ".join(f"{v:+.3f}" for v in g["gaps"].values()) or "n/a"
-            ci = f"[{g['lo']:+.3f}, {g['hi']:+.3f}]" if np.isfinite(g["lo"]) else "n/a (one seed)"
-            std = f"{g['std']:.3f}" if np.isfinite(g["std"]) else "n/a"
-            lines.append(f"| {g['reference']} - {g['model']} | {g['metric']} | {per} | {g['mean']:+.3f} | {std} | "
-                         f"{ci} | {g['n']} |")
+            lines.append(f"| {g['reference']} - {g['model']} | {g['metric']} | {stats.gap_cells(g)} |")
     if lr_info:
         grid = sorted({lr for info in lr_info.values() for lr in info["val"]})
         lines += ["", "Learning-rate search: mean validation loss at each rate (selection seeds); **bold** = "

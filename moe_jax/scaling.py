@@ -100,11 +100,7 @@ def scaling_report(points: Dict[str, List[Dict[str, Any]]], workdir: str, dense_
                   f"| arm | {dense_arm} | model | loss | per-seed gaps | mean | std | 95% CI | seeds |", "|" + "---|" * 9]
         for arm, gs in pairs.items():
             for g in gs:
-                per = ", ".join(f"{v:+.3f}" for v in g["gaps"].values()) or "n/a"
-                ci = f"[{g['lo']:+.3f}, {g['hi']:+.3f}]" if np.isfinite(g["lo"]) else "n/a (one seed)"
-                std = f"{g['std']:.3f}" if np.isfinite(g["std"]) else "n/a"
-                lines.append(f"| {arm} | {g['reference']} | {g['model']} | {g['metric']} | {per} | "
-                             f"{g['mean']:+.3f} | {std} | {ci} | {g['n']} |")
+                lines.append(f"| {arm} | {g['reference']} | {g['model']} | {g['metric']} | {stats.gap_cells(g)} |")
     lines += ["", "Fits L(N) = a * N^-alpha + c (least squares):", ""]
     for arm, f in fits.items():
         dof = len(points[arm]) - 3

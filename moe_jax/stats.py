@@ -47,6 +47,15 @@ def t_interval(values: Sequence[float]) -> Dict[str, float]:
     return {"n": n, "mean": mean, "std": std, "half_width": half, "lo": mean - half, "hi": mean + half}
 
 
+def gap_cells(gap: Dict) -> str:
+    """Markdown cells ``per-seed gaps | mean | std | 95% CI | seeds`` of one paired gap (``t_interval`` fields
+    plus ``gaps``: ``{seed: gap}``), as the comparison and scaling tables print it."""
+    per = ", ".join(f"{v:+.3f}" for v in gap["gaps"].values()) or "n/a"
+    ci = f"[{gap['lo']:+.3f}, {gap['hi']:+.3f}]" if np.isfinite(gap["lo"]) else "n/a (one seed)"
+    std = f"{gap['std']:.3f}" if np.isfinite(gap["std"]) else "n/a"
+    return f"{per} | {gap['mean']:+.3f} | {std} | {ci} | {gap['n']}"
+
+
 def _fit_fixed_alpha(n: np.ndarray, loss: np.ndarray, alpha: float) -> Tuple[float, float, float]:
     """Least-squares ``(a, c, sse)`` of ``loss ~ a * n**-alpha + c`` at a fixed ``alpha``."""
     x = n ** -alpha
