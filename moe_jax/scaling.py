@@ -13,8 +13,8 @@ table, ``scaling.md``, ``scaling.csv`` and ``scaling.png`` in its workdir:
 * per MoE size, ``dense_equivalent(L_moe) / N_moe`` against the dense arm's fit (``inf``: the MoE is below
   the dense curve's asymptote ``c``; a multiplier outside the measured dense sizes is an extrapolation);
 * per MoE size, the paired gap ``loss[dense at that size, s] - loss[MoE, s]`` per seed ``s`` and its 95%
-  t-interval over seeds (``pairs``, from ``compare.paired_gaps``): the comparison's own gap table takes every
-  model against one reference, which for a scaling study is not the pair to read.
+  t-interval over seeds (``pairs``, from ``compare.paired_gaps``; the comparison's own table, results.csv and
+  gaps.csv take the same pairs for a scaling study).
 """
 from __future__ import annotations
 
