@@ -173,11 +173,6 @@ def lr_grids(cmp_cfg, names: List[str]) -> Dict[str, List[float]]:
     return {n: _check_grid(per[n], f"lr_grids.{n}") if n in per else base for n in names}
 
 
-def _model_grid(grid, name: str) -> List[float]:
-    """``grid`` of one model: ``grid[name]`` for a per-model grid (``lr_grids``), else the shared list."""
-    return grid.get(name, []) if isinstance(grid, dict) else grid
-
-
 def lr_tag(lr: float) -> str:
     """Folder name of a learning rate's runs: ``lr0.002``."""
     return f"lr{lr:g}"
@@ -216,12 +211,12 @@ def choose_lr(val_losses: Dict[float, List[float]]) -> Optional[float]:
 
 def lr_search_table(workdir: str, names: List[str], grid, sel: List[int]) -> Dict[str, Dict[str, Any]]:
     """Per model: ``{'val': {lr: [val loss per selection seed]}, 'chosen': lr}``. Reads only ``val_loss`` of
-    the runs' ``summary.json`` (the test split is never looked at here). ``grid``: a list shared by all
-    models, or ``{model: list}`` (``lr_grids``)."""
+    the runs' ``summary.json`` (the test split is never looked at here). ``grid``: ``{model: rates}``
+    (``lr_grids``)."""
     out = {}
     for n in names:
         val = {}
-        for lr in _model_grid(grid, n):
+        for lr in grid[n]:
             val[lr] = [_summary(os.path.join(workdir, n, lr_tag(lr), f"seed{s}")).get("val_loss") for s in sel]
         out[n] = {"val": val, "chosen": choose_lr(val)}
     return out
@@ -753,7 +748,7 @@ def parse_only(only: List[str], names: List[str], seeds: List[int], grid, sel: L
     and seed (with ``lr_search``, its whole grid at a selection seed); ``'model:seed:lr'`` is one grid run, so
     that the grid too can be split across processes. ``lr`` must be a rate of ``lr_grid``; at a seed that is
     not a selection seed it must be omitted (that seed trains at the chosen rate, unknown until the grid is
-    done). ``grid``: a list shared by all models, or ``{model: list}`` (``lr_grids``)."""
+    done). ``grid``: ``{model: rates}`` (``lr_grids``; ``{}`` without a search)."""
     wanted = set()
     form = "'model:seed' or 'model:seed:lr'" if grid else "'model:seed'"
     for item in only:
@@ -764,7 +759,7 @@ def parse_only(only: List[str], names: List[str], seeds: List[int], grid, sel: L
             raise ValueError(f"--only {item!r}: expected {form} with model in {names} and seed in {seeds}.")
         lr = None
         if len(parts) == 3:
-            mgrid = _model_grid(grid, name)
+            mgrid = grid.get(name, [])
             try:
                 match = [g for g in mgrid if lr_tag(g) == lr_tag(float(parts[2]))]  # as the folders name them
             except ValueError:
@@ -786,8 +781,8 @@ def run_order(names: List[str], seeds: List[int], grid, sel: List[int]):
     """The runs of a comparison in training order, as ``(model, seed, lr, grid_run)``. Without a grid: every
     model at every seed (``lr`` None). With one: first each model's grid at the selection seeds ``sel``
     (``grid_run`` True), then each model at the remaining seeds, at its chosen rate (``lr`` None: known only
-    once the grid is done). ``run_comparison`` trains in this order and ``run_plan`` schedules it. ``grid``: a
-    list shared by all models, or ``{model: list}`` (``lr_grids``)."""
+    once the grid is done). ``run_comparison`` trains in this order and ``run_plan`` schedules it. ``grid``:
+    ``{model: rates}`` (``lr_grids``; ``{}`` without a search)."""
     if not grid:
         for n in names:
             for s in seeds:
@@ -795,7 +790,7 @@ def run_order(names: List[str], seeds: List[int], grid, sel: List[int]):
         return
     for n in names:
         for s in sel:
-            for lr in _model_grid(grid, n):
+            for lr in grid[n]:
                 yield n, s, lr, True
     for n in names:
         for s in seeds[len(sel):]:
@@ -1074,7 +1069,7 @@ def run_comparison(cmp_cfg, workdir: str, train_fn=None, log=print, only: Option
         os.makedirs(results_dir, exist_ok=True)
         for path in [p for p in written if os.path.exists(p)] + plots:
             shutil.copy(path, results_dir)
-        grid_runs = [os.path.join(workdir, n, lr_tag(g), f"seed{t}") for n in names for g in _model_grid(grid, n)
+        grid_runs = [os.path.join(workdir, n, lr_tag(g), f"seed{t}") for n in names for g in grid.get(n, [])
                      for t in sel]
         table_runs = [d for n in names for d in runs[n].values()]
         write_records(workdir, sorted({d for d in grid_runs + table_runs

@@ -370,7 +370,8 @@ def test_only_items_pick_single_grid_runs(tmp_path):
     wd = str(tmp_path / "cmp")
     out = compare.run_comparison(cmp_cfg, wd, train_fn=train_fn, log=lambda *a: None, only=["b:0:2e-3", "a:0"])
     assert sorted(calls) == [("a", 1e-3, 0), ("a", 2e-3, 0), ("b", 2e-3, 0)] and out["table"] == ""
-    names, seeds, grid = ["a", "b"], [0, 1], [1e-3, 2e-3]
+    names, seeds = ["a", "b"], [0, 1]
+    grid = {n: [1e-3, 2e-3] for n in names}  # as compare.lr_grids gives it
     assert compare.parse_only(["a:1", "b:0:0.001"], names, seeds, grid, [0]) == {("a", 1, None), ("b", 0, 1e-3)}
     # a rate matches as its run folder names it: 0.0010 and 1e-3 are both lr0.001
     assert compare.parse_only(["b:0:0.0010", "a:0:1e-3"], names, seeds, grid, [0]) == {("b", 0, 1e-3), ("a", 0, 1e-3)}
@@ -380,7 +381,7 @@ def test_only_items_pick_single_grid_runs(tmp_path):
         with pytest.raises(ValueError, match=match):
             compare.parse_only([bad], names, seeds, grid, [0])
     with pytest.raises(ValueError, match="no lr_search"):
-        compare.parse_only(["a:0:1e-3"], names, seeds, [], [])
+        compare.parse_only(["a:0:1e-3"], names, seeds, {}, [])
 
 
 def test_run_plan_lists_missing_runs_with_their_waits(tmp_path):
